@@ -1,0 +1,26 @@
+"""User-facing errors.
+
+Anything raised as an :class:`MRCError` is a problem with the user's input,
+configuration or environment; its message is meant to be shown as it is (one
+line in the CLI, a 4xx body in the service), never as a traceback.
+"""
+
+
+class MRCError(Exception):
+    """Base class of every error whose message is meant for the user."""
+
+
+class InvalidInputError(MRCError, ValueError):
+    """The input cannot be turned into a grid of views (bad bytes, shape, size)."""
+
+
+class ConfigError(MRCError, ValueError):
+    """A setting is unknown or out of range."""
+
+
+class WeightsMissingError(MRCError, FileNotFoundError):
+    """Model weights are needed but not on this machine; the message says how to get them."""
+
+
+class WeightsMismatchError(MRCError, ValueError):
+    """Weights were found but do not match what was expected (hash, keys or shapes)."""
