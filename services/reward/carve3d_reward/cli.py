@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import signal
 import sys
 import typing
 from collections.abc import Sequence
 from pathlib import Path
 
 from pydantic import ValidationError
+from pydantic_settings import BaseSettings
 
 from . import __version__
 from .errors import ConfigError, InvalidInputError, MRCError
@@ -26,38 +28,54 @@ EXIT_INVALID_SAMPLES = 1
 
 
 # -- settings as flags --------------------------------------------------------------------------------
-def add_settings_flags(parser: argparse.ArgumentParser) -> None:
-    """One ``--flag`` per metric setting; unset flags fall back to ``MRC_*`` and the defaults."""
-    group = parser.add_argument_group("metric settings (also MRC_<NAME> environment variables)")
-    for name, info in MetricSettings.model_fields.items():
+def add_settings_flags(
+    parser: argparse.ArgumentParser,
+    model: type[BaseSettings] = MetricSettings,
+    *,
+    dest_prefix: str = "setting_",
+    title: str = "metric settings (also MRC_<NAME> environment variables)",
+) -> None:
+    """One ``--flag`` per settings field; unset flags fall back to ``MRC_*`` and the defaults."""
+    group = parser.add_argument_group(title)
+    for name, info in model.model_fields.items():
+        if isinstance(info.annotation, type) and issubclass(info.annotation, BaseSettings):
+            continue  # nested settings get their own group
         choices = None
-        args = typing.get_args(info.annotation)
         if typing.get_origin(info.annotation) is typing.Literal:
-            choices = list(args)
+            choices = list(typing.get_args(info.annotation))
         default = info.default
+        shown = "native" if name == "view_size" and default is None else default
         group.add_argument(
             "--" + name.replace("_", "-"),
-            dest=f"setting_{name}",
+            dest=dest_prefix + name,
             default=None,
             choices=choices,
             metavar=None if choices else name.split("_")[-1].upper(),
-            help=f"{info.description} (default: {'native' if name == 'view_size' and default is None else default})",
+            help=f"{info.description} (default: {'unset' if name == 'auth_token' else shown})",
         )
 
 
-def settings_from_args(args: argparse.Namespace, **overrides: object) -> MetricSettings:
+def _values_from_args(args: argparse.Namespace, model: type[BaseSettings], dest_prefix: str) -> dict[str, object]:
     values: dict[str, object] = {}
-    for name in MetricSettings.model_fields:
-        value = getattr(args, f"setting_{name}", None)
+    for name in model.model_fields:
+        value = getattr(args, dest_prefix + name, None)
         if value is not None:
             values[name] = None if name == "view_size" and value.lower() in ("native", "none") else value
-    values.update(overrides)
+    return values
+
+
+def _build(model: type[BaseSettings], values: dict[str, object]) -> BaseSettings:
     try:
-        return MetricSettings(**values)  # type: ignore[arg-type]
+        return model(**values)
     except ValidationError as exc:
         err = exc.errors()[0]
-        field = ".".join(str(p) for p in err["loc"])
+        field = str(err["loc"][-1]) if err["loc"] else "settings"
         raise ConfigError(f"--{field.replace('_', '-')}: {err['msg']} (got {err.get('input')!r})") from None
+
+
+def settings_from_args(args: argparse.Namespace, **overrides: object) -> MetricSettings:
+    values = _values_from_args(args, MetricSettings, "setting_") | overrides
+    return typing.cast(MetricSettings, _build(MetricSettings, values))
 
 
 # -- mrc score ------------------------------------------------------------------------------------------
@@ -149,7 +167,7 @@ def print_table(rows: list[dict[str, object]]) -> None:
             status if status == "ok" else f"[yellow]{status}[/yellow]",
             dists,
         )
-    console = Console()
+    console = Console(width=max(Console().width, 120))
     console.print(table)
     if rows and "metric" in rows[0]:
         console.print(f"metric: {rows[0]['metric']}")
@@ -203,6 +221,46 @@ def cmd_weights_fetch(args: argparse.Namespace) -> int:
     return 0
 
 
+# -- mrc serve ---------------------------------------------------------------------------------------------------
+def cmd_serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from .model import MRCModel
+    from .service.app import create_app
+    from .service.settings import ServiceSettings
+
+    metric = settings_from_args(args)
+    values = _values_from_args(args, ServiceSettings, "service_") | {"metric": metric}
+    settings = typing.cast(ServiceSettings, _build(ServiceSettings, values))
+    if settings.engine != "inprocess":
+        raise ConfigError(f"engine {settings.engine!r} is not available in this version; use --engine inprocess")
+    model = MRCModel(settings.metric)  # load now: a missing weight is a one-line error, not a crashed worker
+    print(f"mrc serve: {model.metric_id} on http://{settings.host}:{settings.port}", file=sys.stderr)
+    # uvicorn drains on SIGTERM, then re-raises it; a handler of ours turns that into a clean exit 0.
+    signal.signal(signal.SIGTERM, lambda *_: None)
+    uvicorn.run(
+        create_app(settings, model=model),
+        host=settings.host,
+        port=settings.port,
+        timeout_graceful_shutdown=settings.drain_timeout_s,
+        log_level=args.log_level,
+        access_log=args.log_level == "debug",
+    )
+    return 0
+
+
+# -- mrc cameras -------------------------------------------------------------------------------------------------
+def cmd_cameras(args: argparse.Namespace) -> int:
+    from .camera_figure import write_camera_figure
+
+    s = settings_from_args(args)
+    if s.layout != "2x2":
+        raise ConfigError("the camera figure draws the 2x2 layout only")
+    path = write_camera_figure(args.out, radius=s.radius, fov_deg=s.fov_deg, azimuth0_deg=s.azimuth0_deg)
+    print(f"camera convention figure: {path}")
+    return 0
+
+
 # -- mrc demo --------------------------------------------------------------------------------------------------
 def cmd_demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
@@ -243,6 +301,19 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--lpips", choices=["alex", "vgg", "all"], default="alex", help="LPIPS trunk (default: alex)")
     f.add_argument("--lrm", default=None, help="LRM checkpoint preset (not yet available)")
     f.set_defaults(func=cmd_weights_fetch)
+
+    p = sub.add_parser("serve", help="run the reward service (POST /mrc)")
+    p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    from .service.settings import ServiceSettings
+
+    add_settings_flags(p, ServiceSettings, dest_prefix="service_", title="service settings (also MRC_<NAME>)")
+    add_settings_flags(p)
+    p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("cameras", help="draw the camera convention (the picture in docs/cameras.md)")
+    p.add_argument("--out", type=Path, default=Path("out/cameras.png"))
+    add_settings_flags(p)
+    p.set_defaults(func=cmd_cameras)
 
     p = sub.add_parser("demo", help="generate synthetic grids, score them, write sheets (the quick start)")
     p.add_argument("--out", type=Path, default=Path("out/demo"))

@@ -32,6 +32,10 @@ DEFAULT_MAX_PIXELS = 4096 * 4096
 IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff"})
 
 
+class TooManyPixelsError(InvalidInputError):
+    """The image declares more pixels than allowed (a decompression-bomb guard)."""
+
+
 def decode_image(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
     """Decode image bytes into ``float32 [H, W, 3]`` in ``[0, 1]``.
 
@@ -46,12 +50,14 @@ def decode_image(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.nda
             img = Image.open(io.BytesIO(data))
             w, h = img.size
             if w * h > max_pixels:
-                raise InvalidInputError(f"image has {w}x{h} = {w * h} pixels, more than the limit of {max_pixels}")
+                raise TooManyPixelsError(f"image has {w}x{h} = {w * h} pixels, more than the limit of {max_pixels}")
             img.load()
     except InvalidInputError:
         raise
-    except (UnidentifiedImageError, Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
-        raise InvalidInputError(f"not a decodable image: {exc}") from None
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise TooManyPixelsError(f"image rejected as a decompression bomb: {exc}") from None
+    except UnidentifiedImageError:
+        raise InvalidInputError("not a decodable image (expected PNG, JPEG, WebP, BMP or TIFF)") from None
     except (OSError, ValueError, SyntaxError, EOFError) as exc:  # truncated or corrupt data
         raise InvalidInputError(f"corrupt or truncated image: {exc}") from None
     return pil_to_array(img)

@@ -47,7 +47,8 @@ class Curve:
     mean: list[float]
     std: list[float]
     monotone: bool  # the mean rises at every level step
-    spearman: float  # rank correlation of (level, MRC) over every object and level
+    spearman: float  # rank correlation of (level, MRC) pooled over every object and level
+    spearman_within: float  # the same per object, averaged: does each object's MRC rise with the level?
 
 
 @dataclass
@@ -114,13 +115,14 @@ def run_validation(
     bar.close()
 
     report = ValidationReport(config, {d: m.metric_id for d, m in metrics.items()})
-    levels = np.repeat(np.asarray(config.levels), n)
+    levels = np.repeat(np.asarray(config.levels), n)  # level-major, like table.reshape(-1)
     for (kind, d), table in scores.items():
         mean = table.mean(axis=1)
         rho = float(spearmanr(levels, table.reshape(-1)).statistic)
-        report.curves.append(
-            Curve(kind, d, mean.tolist(), table.std(axis=1).tolist(), bool(np.all(np.diff(mean) > 0)), rho)
-        )
+        within = [spearmanr(config.levels, table[:, i]).statistic for i in range(n) if np.ptp(table[:, i]) > 0]
+        rho_within = float(np.mean(within)) if within else float("nan")
+        monotone = bool(np.all(np.diff(mean) > 0))
+        report.curves.append(Curve(kind, d, mean.tolist(), table.std(axis=1).tolist(), monotone, rho, rho_within))
     if out_dir is not None:
         write_report(report, examples, out_dir)
     return report
@@ -177,12 +179,13 @@ def write_report(
 
 def markdown_table(report: ValidationReport) -> str:
     levels = report.config.levels
-    head = "| kind | distance | " + " | ".join(f"L={lv:g}" for lv in levels) + " | monotone | Spearman |\n"
-    head += "|---|---|" + "---|" * len(levels) + "---|---|\n"
+    head = "| kind | distance | " + " | ".join(f"L={lv:g}" for lv in levels)
+    head += " | monotone | Spearman (pooled) | Spearman (within object) |\n"
+    head += "|---|---|" + "---|" * len(levels) + "---|---|---|\n"
     rows = "".join(
         f"| {c.kind} | {c.distance} | "
         + " | ".join(f"{m:.4f}" for m in c.mean)
-        + f" | {'yes' if c.monotone else 'NO'} | {c.spearman:.3f} |\n"
+        + f" | {'yes' if c.monotone else 'NO'} | {c.spearman:.3f} | {c.spearman_within:.3f} |\n"
         for c in report.curves
     )
     ids = "".join(f"- `{d}`: `{mid}`\n" for d, mid in report.metric_ids.items())
@@ -204,7 +207,8 @@ def print_report(report: ValidationReport) -> None:
     for lv in report.config.levels:
         table.add_column(f"{lv:g}", justify="right")
     table.add_column("monotone")
-    table.add_column("Spearman", justify="right")
+    table.add_column("rho pooled", justify="right")
+    table.add_column("rho within", justify="right")
     for c in report.curves:
         table.add_row(
             c.kind,
@@ -212,7 +216,8 @@ def print_report(report: ValidationReport) -> None:
             *(f"{m:.4f}" for m in c.mean),
             "[green]yes[/green]" if c.monotone else "[red]NO[/red]",
             f"{c.spearman:.3f}",
+            f"{c.spearman_within:.3f}",
         )
-    console = Console()
+    console = Console(width=max(Console().width, 150))
     console.print(table)
     console.print(f"all curves monotone: {'yes' if report.all_monotone else 'no'}")

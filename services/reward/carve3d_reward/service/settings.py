@@ -1,0 +1,41 @@
+"""The reward service's settings: one typed object, ``MRC_*`` environment variables + ``mrc serve`` flags.
+
+The metric's own settings (:class:`~carve3d_reward.settings.MetricSettings`)
+are nested under ``metric`` and read from the same ``MRC_*`` variables.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field, SecretStr
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from ..settings import MetricSettings
+
+EngineName = Literal["inprocess", "triton"]
+
+
+class ServiceSettings(BaseSettings):
+    """Settings of ``mrc serve`` (env prefix ``MRC_``)."""
+
+    model_config = SettingsConfigDict(env_prefix="MRC_", extra="ignore", frozen=True)
+
+    host: str = Field("127.0.0.1", description="Address to listen on ('0.0.0.0' for all interfaces).")
+    port: int = Field(8080, ge=0, le=65535, description="TCP port (0: any free port).")
+    engine: EngineName = Field("inprocess", description="Execution engine.")
+    max_batch: int = Field(16, ge=1, le=1024, description="Most grids scored in one batch.")
+    max_delay_ms: float = Field(5.0, ge=0.0, le=10_000, description="Longest wait for a batch to fill.")
+    max_queue: int = Field(256, ge=1, description="Most grids waiting; beyond it requests get 503 at once.")
+    request_timeout_s: float = Field(120.0, gt=0, description="Per-request deadline on the server (then 504).")
+    drain_timeout_s: float = Field(60.0, ge=0, description="On SIGTERM, how long to finish accepted requests.")
+    auth_token: SecretStr | None = Field(None, description="Bearer token required on every request (unset: none).")
+    open_health: bool = Field(True, description="/healthz and /readyz need no token.")
+    open_metrics: bool = Field(True, description="/metrics needs no token.")
+    max_body_bytes: int = Field(64 << 20, ge=1024, description="Largest request body (413 beyond).")
+    max_pixels: int = Field(4096 * 4096, ge=256, description="Largest grid, in pixels (decompression-bomb guard).")
+    max_grids: int = Field(256, ge=1, description="Most grids in one request.")
+    idempotency_ttl_s: float = Field(600.0, ge=0, description="How long a request id's result is remembered.")
+    idempotency_max: int = Field(4096, ge=0, description="Most request ids remembered.")
+    triton_url: str = Field("127.0.0.1:8001", description="Triton gRPC address (engine 'triton').")
+    metric: MetricSettings = Field(default_factory=MetricSettings, description="The metric's settings.")
