@@ -7,12 +7,12 @@ STAMP  := $(VENV)/.installed
 TORCH  ?= torch==2.14.1 torchvision==0.29.1
 OUT    ?= out
 
-.PHONY: venv demo test lint bench validate clean
+.PHONY: venv demo test lint bench validate clean up down
 
-$(STAMP): services/reward/pyproject.toml
+$(STAMP): services/reward/pyproject.toml services/trainer/pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet $(TORCH)
-	$(BIN)/python -m pip install --quiet -e 'services/reward[dev]'
+	$(BIN)/python -m pip install --quiet -e 'services/reward[dev,triton]' -e services/trainer
 	touch $@
 
 venv: $(STAMP)
@@ -39,3 +39,12 @@ bench: $(STAMP)
 
 clean:
 	rm -rf $(VENV) $(OUT) .pytest_cache .ruff_cache
+
+## The reward service on 127.0.0.1 without Docker (MRC_PORT, default 8080; logs and pidfiles in $(OUT)/local):
+## starts it, waits for /readyz, scores an example grid, checks the metrics scrape, starts the trainer if
+## installed. `make down` stops all of it. See docs/deploy.md.
+up: $(STAMP)
+	LOCAL_DIR=$(OUT)/local VENV_BIN=$(abspath $(BIN)) bash deploy/local/up.sh
+
+down:
+	LOCAL_DIR=$(OUT)/local VENV_BIN=$(abspath $(BIN)) bash deploy/local/down.sh

@@ -45,10 +45,10 @@ def serve_app(app, *, startup_timeout: float = 60.0) -> Iterator[str]:
 
 @contextlib.contextmanager
 def serve_process(
-    *args: str, env: dict[str, str] | None = None, startup_timeout: float = 90.0
+    *args: str, env: dict[str, str] | None = None, startup_timeout: float = 90.0, port: int | None = None
 ) -> Iterator[tuple[str, subprocess.Popen]]:
     """Run ``mrc serve`` as a child process; yields its base URL and the process."""
-    port = free_port()
+    port = port or free_port()
     exe = Path(sys.executable).with_name("mrc")
     proc = subprocess.Popen(
         [str(exe), "serve", "--port", str(port), "--log-level", "warning", *args],

@@ -188,3 +188,13 @@ def test_console_script_runs_without_traceback(tmp_path) -> None:
     assert proc.stderr.strip().startswith("mrc: error:") and "Traceback" not in proc.stderr
     version = subprocess.run([str(exe), "--version"], capture_output=True, text=True, timeout=60)
     assert version.returncode == 0 and "mrc" in version.stdout
+
+
+def test_cameras_figure_command(tmp_path, capsys) -> None:
+    out = tmp_path / "cams.png"
+    code, text, _ = run(["cameras", "--out", str(out), "--azimuth0-deg", "45"], capsys)
+    assert code == 0 and str(out) in text
+    with Image.open(out) as img:
+        assert img.width > 800 and img.height > 500
+    code, _, err = run(["cameras", "--out", str(out), "--layout", "3x2"], capsys)
+    assert_one_line_error(code, err, "layout")

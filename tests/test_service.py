@@ -366,3 +366,25 @@ def test_float_tensor_helper_matches_uint8_path(model, clean_views) -> None:
     u8 = to_uint8_image(grid[0])[None]
     as_float = torch.from_numpy(u8.astype(np.float32) / 255.0)
     np.testing.assert_allclose(model(u8).mrc, model.score(as_float).mrc.numpy(), atol=1e-7)
+
+
+def test_python_client_against_the_real_service(server, model, grids) -> None:
+    """The client library and the server agree on the wire (raw and PNG), order and request ids."""
+    import asyncio
+
+    from carve3d_reward.client import AsyncMRCClient, MRCClient
+
+    with MRCClient(server, wire="raw", max_grids_per_request=4) as client:
+        assert client.ready()
+        results = client.score(grids, request_id="client-test")
+        assert client.info()["metric"] == model.metric_id
+    np.testing.assert_allclose([r.mrc for r in results], expected(model, grids), atol=1e-6)
+    assert all(r.ok and r.metric == model.metric_id for r in results)
+
+    async def run_async():
+        async with AsyncMRCClient(server, wire="png") as client:
+            return await client.score(torch.from_numpy(grids[:2]), return_renders=True)
+
+    async_results = asyncio.run(run_async())
+    np.testing.assert_allclose([r.mrc for r in async_results], expected(model, grids[:2]), atol=1e-6)
+    assert async_results[0].render_arrays()[0].shape == (64, 64, 3)

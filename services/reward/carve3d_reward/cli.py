@@ -232,20 +232,65 @@ def cmd_serve(args: argparse.Namespace) -> int:
     metric = settings_from_args(args)
     values = _values_from_args(args, ServiceSettings, "service_") | {"metric": metric}
     settings = typing.cast(ServiceSettings, _build(ServiceSettings, values))
-    if settings.engine != "inprocess":
-        raise ConfigError(f"engine {settings.engine!r} is not available in this version; use --engine inprocess")
     model = MRCModel(settings.metric)  # load now: a missing weight is a one-line error, not a crashed worker
-    print(f"mrc serve: {model.metric_id} on http://{settings.host}:{settings.port}", file=sys.stderr)
-    # uvicorn drains on SIGTERM, then re-raises it; a handler of ours turns that into a clean exit 0.
-    signal.signal(signal.SIGTERM, lambda *_: None)
-    uvicorn.run(
-        create_app(settings, model=model),
-        host=settings.host,
-        port=settings.port,
-        timeout_graceful_shutdown=settings.drain_timeout_s,
-        log_level=args.log_level,
-        access_log=args.log_level == "debug",
-    )
+
+    def run_gateway(**app_kwargs: typing.Any) -> None:
+        uvicorn.run(
+            create_app(settings, model=model, **app_kwargs),
+            host=settings.host,
+            port=settings.port,
+            timeout_graceful_shutdown=settings.drain_timeout_s,
+            log_level=args.log_level,
+            access_log=args.log_level == "debug",
+        )
+
+    if settings.engine == "inprocess":
+        print(f"mrc serve: {model.metric_id} on http://{settings.host}:{settings.port}", file=sys.stderr)
+        # uvicorn drains on SIGTERM, then re-raises it; a handler of ours turns that into a clean exit 0.
+        signal.signal(signal.SIGTERM, lambda *_: None)
+        run_gateway()
+        return 0
+
+    # engine "triton": the gateway forwards to Triton's model "mrc" (docs/triton.md); with no --triton-url,
+    # Triton is started here (PyTriton: a tritonserver child process) and stopped on the way out.
+    import os
+    import tempfile
+
+    from .service.triton_engine import TritonEngine
+    from .triton.binding import MRCTriton, check_environment
+
+    triton: MRCTriton | None = None
+    url = settings.triton_url
+    if url is None:
+        check_environment()
+
+        def stop(signum: int, _frame: object) -> None:
+            # SIGTERM while Triton starts, or re-raised by uvicorn after its drain: unwind through the
+            # `finally` below, which stops tritonserver, so no server outlives this process.
+            raise SystemExit(0)
+
+        signal.signal(signal.SIGTERM, stop)
+        log_file = None
+        if args.log_level not in ("debug", "info"):  # Triton's own log, which is chatty, goes to a file
+            log_file = Path(tempfile.gettempdir()) / f"mrc-triton-{os.getpid()}.log"
+        triton = MRCTriton(settings, models=[model], log_file=log_file).start()
+        url = triton.grpc_url
+        print(
+            f"mrc serve: triton (PyTriton) grpc {triton.grpc_url}, http {triton.http_url}, "
+            f"metrics {triton.metrics_url}" + (f", log {log_file}" if log_file else ""),
+            file=sys.stderr,
+        )
+    try:
+        engine = TritonEngine(
+            url, metric_id=model.metric_id, max_batch=settings.max_batch, timeout_s=settings.request_timeout_s
+        )
+        print(f"mrc serve: {model.metric_id} on http://{settings.host}:{settings.port} (triton {url})", file=sys.stderr)
+        if triton is None:  # an external Triton: SIGTERM is only the gateway's drain, as for inprocess
+            signal.signal(signal.SIGTERM, lambda *_: None)
+        run_gateway(engine=engine)
+    finally:
+        if triton is not None:
+            triton.stop()
     return 0
 
 

@@ -1,0 +1,119 @@
+"""``carve3d-train``: run, resume and inspect Carve3D RL finetuning.
+
+Settings come from defaults < ``CARVE3D_*`` env vars < ``--config file.json``
+< ``--set key=value`` (dotted keys, e.g. ``--set algorithm.beta=0``) < the
+named flags below. Problems end in one ``carve3d-train: error: ...`` line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from carve3d_reward.errors import ConfigError, MRCError
+
+from . import __version__
+
+
+def _parse_set(items: list[str]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for item in items:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"--set {item!r}: expected key=value, e.g. --set algorithm.beta=0")
+        try:
+            out[key] = json.loads(raw)
+        except json.JSONDecodeError:
+            out[key] = raw  # a bare string
+    return out
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from .config import load_config
+    from .trainer import Trainer
+
+    overrides = _parse_set(args.set)
+    named = {
+        "run_dir": args.run_dir,
+        "epochs": args.epochs,
+        "seed": args.seed,
+        "reward.mode": args.reward,
+        "reward.url": args.reward_url,
+        "policy.path": args.policy_path,
+    }
+    overrides |= {k: (str(v) if isinstance(v, Path) else v) for k, v in named.items() if v is not None}
+    config = load_config(args.config, overrides)
+    run_dir = config.run_dir
+    if run_dir.exists() and any(run_dir.iterdir()) and not args.resume and not args.overwrite:
+        raise ConfigError(f"{run_dir} already holds a run: pass --resume to continue it or --overwrite to replace it")
+    if args.overwrite and not args.resume:
+        import shutil
+
+        shutil.rmtree(run_dir, ignore_errors=True)
+    trainer = Trainer(config, progress=not args.no_progress)
+    try:
+        if args.resume and trainer.resume():
+            print(f"resuming {run_dir} after epoch {trainer.state.epoch}", file=sys.stderr)
+        trainer.train()
+    finally:
+        trainer.close()
+    print(f"report: {run_dir / 'report.md'}")
+    return 0
+
+
+def cmd_prompts(args: argparse.Namespace) -> int:
+    from .prompts import builtin_sets, load_prompts
+
+    if args.name:
+        print("\n".join(load_prompts(args.name)))
+    else:
+        for name in builtin_sets():
+            print(f"builtin:{name}  ({len(load_prompts('builtin:' + name))} prompts)")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="carve3d-train", description=__doc__.split("\n")[0])
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("train", help="run (or --resume) RL finetuning against the MRC reward")
+    p.add_argument("--config", type=Path, help="JSON config (see docs/trainer.md)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a setting (repeatable)")
+    p.add_argument("--run-dir", type=Path, help="where checkpoints, logs and the report go")
+    p.add_argument("--epochs", type=int)
+    p.add_argument("--seed", type=int)
+    p.add_argument("--reward", choices=["service", "in-process"], help="score through the service or locally")
+    p.add_argument("--reward-url", help="reward service URL (default http://127.0.0.1:8080)")
+    p.add_argument("--policy-path", help="model weights: a folder or hub id")
+    p.add_argument("--resume", action="store_true", help="continue the run in --run-dir from its last checkpoint")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing run in --run-dir")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("prompts", help="list the shipped prompt sets, or print one")
+    p.add_argument("name", nargs="?", help="e.g. builtin:shapes-train or a file")
+    p.set_defaults(func=cmd_prompts)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args))
+    except MRCError as exc:
+        print(f"carve3d-train: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("carve3d-train: interrupted (the last checkpoint is kept; use --resume)", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,127 @@
+"""The trainer's settings: one typed object (``CARVE3D_*`` env vars, a JSON config file, CLI overrides).
+
+Defaults are the paper's published settings where they apply (facts.md
+section 2) scaled down to the CPU demo where they cannot: the published run
+is 768 samples per epoch at 100 DDIM steps on an SDXL model; the defaults here
+finish in minutes on a laptop.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from carve3d_reward.errors import ConfigError
+from carve3d_reward.settings import MetricSettings
+
+
+class PolicyConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    kind: Literal["tiny", "sd", "sdxl"] = Field("tiny", description="Model family.")
+    path: str | None = Field(None, description="Weights: a local folder or hub id (tiny: None = random init).")
+    num_steps: int = Field(20, ge=2, le=1000, description="DDIM steps per sample.")
+    guidance_scale: float = Field(5.0, ge=1.0, description="Classifier-free guidance.")
+    eta: float = Field(1.0, gt=0.0, le=1.0, description="DDIM eta (1: a proper stochastic policy).")
+    lora_rank: int = Field(4, ge=0, description="LoRA rank on the UNet attention; 0 = full finetune.")
+    lora_targets: list[str] = Field(default_factory=lambda: ["to_q", "to_k", "to_v", "to_out.0"])
+    mixed_precision: Literal["no", "fp16", "bf16"] = Field("no", description="UNet precision (log-probs stay fp32).")
+
+
+class AlgorithmConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    method: Literal["reinforce", "ppo"] = Field("reinforce", description="DDPO-SF (paper) or DDPO-IS with PPO clip.")
+    alpha: float = Field(1.0, description="Weight of the reward advantage.")
+    beta: float = Field(0.2, ge=0.0, description="Weight of the normalised KL advantage.")
+    adv_clip: float = Field(5.0, gt=0.0, description="Advantages are clipped to +-adv_clip.")
+    ppo_clip: float = Field(1e-4, gt=0.0, description="PPO ratio clip range (method ppo).")
+    ppo_epochs: int = Field(1, ge=1, description="Optimisation passes per sampling round (method ppo).")
+    timestep_fraction: float = Field(1.0, gt=0.0, le=1.0, description="Fraction of steps trained per sample.")
+    train_batch_size: int = Field(4, ge=1, description="Samples per backward pass.")
+    grad_accum: int = Field(0, ge=0, description="Backward passes per optimiser step (0: the whole round).")
+    lr: float = Field(3e-4, gt=0.0)
+    weight_decay: float = Field(1e-4, ge=0.0)
+    max_grad_norm: float = Field(1.0, gt=0.0)
+    tracker_buffer: int = Field(3, ge=1, description="Tracker ring buffer, in samples per prompt per epoch.")
+    tracker_min_count: int = Field(1, ge=1, description="Below this (x samples per prompt), batch statistics.")
+    warmup_epochs: int = Field(1, ge=0, description="Epochs that only fill the trackers (no update).")
+    kl_stop: float | None = Field(None, gt=0.0, description="Stop when the epoch's mean KL passes this.")
+
+
+class RewardConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    mode: Literal["service", "in-process"] = Field("service", description="Score through the service or locally.")
+    url: str = Field("http://127.0.0.1:8080", description="Reward service URL (mode service).")
+    token: SecretStr | None = Field(None, description="Bearer token of the service.")
+    timeout_s: float = Field(120.0, gt=0.0, description="Per-attempt timeout.")
+    deadline_s: float = Field(900.0, gt=0.0, description="Give up on a batch after this long (then the run stops).")
+    retries: int = Field(10, ge=0)
+    metric: MetricSettings = Field(default_factory=MetricSettings, description="Metric (mode in-process).")
+
+
+class TrainConfig(BaseSettings):
+    """Everything a run needs (``CARVE3D_*``; nested with ``__``, e.g. ``CARVE3D_REWARD__URL``)."""
+
+    model_config = SettingsConfigDict(env_prefix="CARVE3D_", env_nested_delimiter="__", extra="forbid")
+
+    run_dir: Path = Field(Path("out/train"), description="Checkpoints, logs, samples and the report.")
+    seed: int = 0
+    epochs: int = Field(10, ge=1, description="Sampling rounds (including warm-up).")
+    train_prompts: str = Field("builtin:shapes-train", description="A prompt file, or builtin:<name>.")
+    test_prompts: str = Field("builtin:shapes-test", description="Held-out prompts for evaluation.")
+    samples_per_epoch: int = Field(32, ge=1, description="Samples per round (all processes together).")
+    sample_batch_size: int = Field(8, ge=1, description="Samples per sampling call (per process).")
+    eval_every: int = Field(1, ge=0, description="Evaluate every N epochs (0: only at the end).")
+    eval_samples_per_prompt: int = Field(1, ge=1)
+    save_every: int = Field(1, ge=1, description="Checkpoint every N epochs.")
+    keep_checkpoints: int = Field(2, ge=1)
+    policy: PolicyConfig = Field(default_factory=PolicyConfig)
+    algorithm: AlgorithmConfig = Field(default_factory=AlgorithmConfig)
+    reward: RewardConfig = Field(default_factory=RewardConfig)
+
+    @model_validator(mode="after")
+    def _check(self) -> TrainConfig:
+        if self.samples_per_epoch % self.sample_batch_size:
+            raise ValueError(
+                f"samples_per_epoch ({self.samples_per_epoch}) must be a multiple of "
+                f"sample_batch_size ({self.sample_batch_size})"
+            )
+        return self
+
+    def to_json(self) -> str:
+        data = self.model_dump(mode="json")
+        if data["reward"]["token"]:
+            data["reward"]["token"] = "***"
+        return json.dumps(data, indent=2, sort_keys=True)
+
+
+def load_config(path: Path | None = None, overrides: dict[str, Any] | None = None) -> TrainConfig:
+    """Defaults < env vars < config file < overrides (dotted keys, e.g. ``{"algorithm.beta": 0}``)."""
+    data: dict[str, Any] = {}
+    if path is not None:
+        try:
+            data = json.loads(path.read_text())
+        except OSError as exc:
+            raise ConfigError(f"{path}: cannot read the config: {exc.strerror or exc}") from None
+        except json.JSONDecodeError as exc:
+            raise ConfigError(f"{path}: not valid JSON: {exc}") from None
+    for key, value in (overrides or {}).items():
+        node = data
+        *parents, leaf = key.split(".")
+        for p in parents:
+            node = node.setdefault(p, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"--set {key}: {p} is not a section")
+        node[leaf] = value
+    try:
+        return TrainConfig(**data)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        where = ".".join(str(p) for p in err["loc"]) or "config"
+        raise ConfigError(f"{where}: {err['msg']} (got {err.get('input')!r})") from None

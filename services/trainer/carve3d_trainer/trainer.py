@@ -1,0 +1,357 @@
+"""The Carve3D RL loop: sample, score asynchronously, normalise per prompt, update.
+
+One epoch (a sampling round):
+
+1. sample ``samples_per_epoch`` grids (sharded over processes) with per-step
+   log-probs under the policy and the reference model; each batch is sent to
+   the reward scorer as soon as it is sampled, so scoring overlaps sampling;
+2. gather rewards, KLs and prompts from every process, so every process
+   updates identical per-prompt trackers;
+3. advantage ``alpha * A_r - beta * A_KL`` (clipped); invalid grids (empty
+   view, undecodable) are kept out of the statistics and get no gradient;
+4. unless warming up, ``-sum_t A * log p(x_{t-1} | x_t)`` (REINFORCE, one
+   optimiser step per round by default: purely on-policy) or the PPO-clipped
+   variant; non-finite losses or gradients skip the step instead of poisoning
+   the run;
+5. evaluate on held-out prompts with fixed noise, checkpoint, stop early when
+   the KL passes its threshold.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import gather_object
+from torch import Tensor
+
+from carve3d_reward.client import ScoreResult
+
+from .checkpoint import TrainingState, latest_checkpoint, load_checkpoint, save_checkpoint
+from .config import TrainConfig
+from .policies.base import DiffusionPolicy, SamplingConfig, Trajectory
+from .prompts import load_prompts
+from .rewards import RewardBackend, build_rewards
+from .trackers import PerPromptStatTracker, compose_advantages
+
+log = logging.getLogger("carve3d_trainer")
+
+
+def build_policy(config: TrainConfig) -> DiffusionPolicy:
+    """The policy named by the config, with LoRA or full finetuning set up."""
+    p = config.policy
+    sampling = SamplingConfig(num_steps=p.num_steps, guidance_scale=p.guidance_scale, eta=p.eta)
+    if p.kind == "tiny":
+        from pathlib import Path
+
+        from .policies.tiny import TinyConfig, TinyGridPolicy
+
+        if p.path:
+            policy: DiffusionPolicy = TinyGridPolicy.from_pretrained(Path(p.path), sampling=sampling)
+        else:
+            torch.manual_seed(config.seed)
+            policy = TinyGridPolicy(TinyConfig(sampling=sampling))
+    else:
+        from .policies.diffusers_sd import build_policy as build_sd
+
+        if not p.path:
+            from carve3d_reward.errors import ConfigError
+
+            raise ConfigError(f"policy.kind {p.kind!r} needs policy.path (a local folder or a hub id)")
+        dtype = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[p.mixed_precision]
+        policy = build_sd(p.kind, p.path, sampling=sampling, dtype=dtype)
+    if p.lora_rank > 0:
+        policy.enable_lora(p.lora_rank, targets=tuple(p.lora_targets))
+    else:
+        policy.enable_full_finetune()
+    return policy
+
+
+def _seed(*parts: object) -> int:
+    digest = hashlib.sha256(json.dumps([str(p) for p in parts]).encode()).digest()
+    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
+
+
+def _concat(trajs: list[Trajectory]) -> Trajectory:
+    def cat(ts: list[Tensor]) -> Tensor:
+        return torch.cat(ts)
+
+    first = trajs[0]
+    return Trajectory(
+        prompts=[p for t in trajs for p in t.prompts],
+        cond={k: cat([t.cond[k] for t in trajs]) for k in first.cond},
+        uncond={k: cat([t.uncond[k] for t in trajs]) for k in first.uncond},
+        latents=cat([t.latents for t in trajs]),
+        log_probs=cat([t.log_probs for t in trajs]),
+        images=cat([t.images for t in trajs]),
+        ref_log_probs=None if first.ref_log_probs is None else cat([t.ref_log_probs for t in trajs]),  # type: ignore[misc]
+    )
+
+
+@dataclass
+class EpochStats:
+    epoch: int
+    reward_mean: float
+    reward_std: float
+    mrc_mean: float
+    kl_mean: float
+    invalid: int
+    loss: float
+    grad_norm: float
+    optimizer_steps: int
+    skipped_steps: int
+    reward_wait_s: float
+    samples_per_s: float
+    updated: bool
+    eval_mrc: float | None = None
+    eval_kl: float | None = None
+    eval_invalid: int | None = None
+
+
+class Trainer:
+    """Owns the policy, optimiser, trackers, reward scorer and run folder of one run."""
+
+    def __init__(
+        self,
+        config: TrainConfig,
+        *,
+        policy: DiffusionPolicy | None = None,
+        rewards: RewardBackend | None = None,
+        accelerator: Accelerator | None = None,
+        progress: bool = True,
+    ) -> None:
+        self.cfg = config
+        self.progress = progress
+        self.acc = accelerator or Accelerator(
+            cpu=not torch.cuda.is_available(),
+            mixed_precision="no",
+            gradient_accumulation_steps=1,
+        )
+        self.train_prompts = load_prompts(config.train_prompts)
+        self.test_prompts = load_prompts(config.test_prompts)
+        self.policy = policy or build_policy(config)
+        self.policy.to(self.acc.device)
+        params = self.policy.trainable_parameters()
+        if not params:
+            from carve3d_reward.errors import ConfigError
+
+            raise ConfigError("the policy has no trainable parameters")
+        a = config.algorithm
+        self.optimizer = torch.optim.AdamW(params, lr=a.lr, weight_decay=a.weight_decay)
+        self.policy.unet, self.optimizer = self.acc.prepare(self.policy.unet, self.optimizer)
+        per_prompt = math.ceil(config.samples_per_epoch / len(self.train_prompts))
+        self.trackers = {
+            name: PerPromptStatTracker(
+                a.tracker_buffer * per_prompt, min(a.tracker_min_count * per_prompt, a.tracker_buffer * per_prompt)
+            )
+            for name in ("reward", "kl")
+        }
+        self.rewards = rewards or build_rewards(config.reward)
+        self.state = TrainingState(epoch=0, history=[])
+        self.run_id = _seed(config.seed, config.run_dir.resolve()) % 10**10
+        self.writer: Any = None
+
+    # -- setup ---------------------------------------------------------------------------------------------
+    @property
+    def world(self) -> int:
+        return self.acc.num_processes
+
+    @property
+    def rank(self) -> int:
+        return self.acc.process_index
+
+    def resume(self) -> bool:
+        """Load the latest checkpoint of ``run_dir`` if there is one."""
+        path = latest_checkpoint(self.cfg.run_dir)
+        if path is None:
+            return False
+        weights, state = load_checkpoint(path, optimizer=self.optimizer, trackers=self.trackers)
+        self.policy.load_trainable_state_dict(weights)
+        self.state = state
+        log.info("resumed from %s (epoch %d done)", path, state.epoch)
+        return True
+
+    # -- one epoch -----------------------------------------------------------------------------------------
+    def sample_round(self, epoch: int) -> tuple[Trajectory, list[ScoreResult]]:
+        """Sample this process's share of the round, scoring each batch while the next is sampled."""
+        cfg = self.cfg
+        local = cfg.samples_per_epoch // self.world
+        batches = max(1, local // cfg.sample_batch_size)
+        gen = torch.Generator().manual_seed(_seed(cfg.seed, "sample", epoch, self.rank))
+        trajs, futures = [], []
+        from tqdm import tqdm
+
+        bar = tqdm(
+            range(batches),
+            desc=f"epoch {epoch} sampling",
+            leave=False,
+            disable=not (self.progress and self.acc.is_main_process),
+        )
+        for b in bar:
+            idx = torch.randint(len(self.train_prompts), (cfg.sample_batch_size,), generator=gen)
+            prompts = [self.train_prompts[i] for i in idx.tolist()]
+            self.policy.eval()
+            traj = self.policy.sample(prompts, generator=gen, with_reference=True)
+            futures.append(self.rewards.submit(traj.images, f"run{self.run_id}-e{epoch}-r{self.rank}-b{b}"))
+            trajs.append(traj)
+        return _concat(trajs), self.rewards.collect(futures)
+
+    def advantages(self, traj: Trajectory, results: list[ScoreResult]) -> tuple[Tensor, dict[str, float]]:
+        """Per-prompt normalised advantages for this process's samples (identical trackers everywhere)."""
+        reward = torch.tensor(
+            [r.reward if r.valid and r.reward is not None else math.nan for r in results], dtype=torch.float64
+        )
+        valid = torch.tensor([r.valid for r in results])
+        kl = traj.kl.detach().to(torch.float64).cpu()
+        prompts = gather_object(list(traj.prompts)) if self.world > 1 else list(traj.prompts)
+        if self.world > 1:
+            reward = self.acc.gather(reward.to(self.acc.device)).cpu()
+            valid = self.acc.gather(valid.to(self.acc.device)).cpu()
+            kl = self.acc.gather(kl.to(self.acc.device)).cpu()
+        a = self.cfg.algorithm
+        adv_r = self.trackers["reward"].update(prompts, reward, valid)
+        adv_kl = self.trackers["kl"].update(prompts, kl, valid)
+        adv = compose_advantages(adv_r, adv_kl, alpha=a.alpha, beta=a.beta, clip=a.adv_clip) * valid
+        n = len(traj)
+        local = adv[self.rank * n : (self.rank + 1) * n].to(torch.float32)
+        ok = reward[valid]
+        stats = {
+            "reward_mean": float(ok.mean()) if ok.numel() else math.nan,
+            "reward_std": float(ok.std(unbiased=False)) if ok.numel() else math.nan,
+            "mrc_mean": float(-ok.mean()) if ok.numel() else math.nan,
+            "kl_mean": float(kl.mean()),
+            "invalid": int((~valid).sum()),
+        }
+        return local, stats
+
+    def update(self, traj: Trajectory, adv: Tensor, epoch: int) -> dict[str, float]:
+        """Policy-gradient step(s) on this round's samples."""
+        a = self.cfg.algorithm
+        gen = torch.Generator().manual_seed(_seed(self.cfg.seed, "train", epoch, self.rank))
+        n, steps = len(traj), traj.num_steps
+        train_steps = max(1, round(steps * a.timestep_fraction))
+        minibatches = math.ceil(n / a.train_batch_size)
+        accum = a.grad_accum or minibatches  # 0: the whole round in one optimiser step
+        adv = adv.to(self.acc.device)
+        losses, norms, opt_steps, skipped = [], [], 0, 0
+        self.policy.train()
+        for _ in range(a.ppo_epochs if a.method == "ppo" else 1):
+            order = torch.randperm(n, generator=gen)
+            pending, backwards = 0, 0
+            for m in range(minibatches):
+                idx = order[m * a.train_batch_size : (m + 1) * a.train_batch_size]
+                mb, mb_adv = traj.select(idx), adv[idx.to(adv.device)]
+                for j in torch.randperm(steps, generator=gen)[:train_steps].tolist():
+                    logp = self.policy.step_log_prob(mb, j)
+                    if a.method == "ppo":
+                        ratio = torch.exp(logp - mb.log_probs[:, j].to(logp.device))
+                        clipped = torch.clamp(ratio, 1 - a.ppo_clip, 1 + a.ppo_clip)
+                        loss = torch.maximum(-mb_adv * ratio, -mb_adv * clipped).mean()
+                    else:
+                        loss = -(mb_adv * logp).mean()
+                    loss = loss * len(idx) / (n if accum == minibatches else len(idx) * accum) / train_steps
+                    if not torch.isfinite(loss):
+                        skipped += 1
+                        log.warning("non-finite loss at epoch %d: this backward pass is skipped", epoch)
+                        continue
+                    self.acc.backward(loss)
+                    backwards += 1
+                    losses.append(float(loss.detach()) * train_steps)
+                pending += 1
+                if pending == accum or m == minibatches - 1:
+                    norm = self.acc.clip_grad_norm_(self.policy.trainable_parameters(), a.max_grad_norm)
+                    norm_f = float(norm) if norm is not None and backwards else math.nan
+                    if math.isfinite(norm_f):
+                        self.optimizer.step()
+                        opt_steps += 1
+                        norms.append(norm_f)
+                    else:
+                        skipped += 1
+                        log.warning("non-finite gradient at epoch %d: the optimiser step is skipped", epoch)
+                    self.optimizer.zero_grad(set_to_none=True)
+                    pending, backwards = 0, 0
+        return {
+            "loss": sum(losses) / max(1, len(losses)),
+            "grad_norm": sum(norms) / max(1, len(norms)) if norms else math.nan,
+            "optimizer_steps": opt_steps,
+            "skipped_steps": skipped,
+        }
+
+    def run_epoch(self, epoch: int) -> EpochStats:
+        start = time.perf_counter()
+        waited = self.rewards.wait_seconds
+        traj, results = self.sample_round(epoch)
+        adv, stats = self.advantages(traj, results)
+        updated = epoch >= self.cfg.algorithm.warmup_epochs
+        upd = (
+            self.update(traj, adv, epoch)
+            if updated
+            else {"loss": math.nan, "grad_norm": math.nan, "optimizer_steps": 0, "skipped_steps": 0}
+        )
+        elapsed = time.perf_counter() - start
+        return EpochStats(
+            epoch=epoch,
+            reward_wait_s=self.rewards.wait_seconds - waited,
+            samples_per_s=self.cfg.samples_per_epoch / elapsed,
+            updated=updated,
+            **stats,  # type: ignore[arg-type]
+            **upd,  # type: ignore[arg-type]
+        )
+
+    # -- evaluation ------------------------------------------------------------------------------------------
+    def evaluate(self, epoch: int) -> dict[str, Any]:
+        """Held-out prompts with fixed initial noise: mean MRC, KL to the reference, a sheet of samples."""
+        from .evaluation import evaluate_policy
+
+        return evaluate_policy(self, epoch)
+
+    # -- the run ------------------------------------------------------------------------------------------------
+    def train(self) -> list[dict[str, Any]]:
+        """Run (or continue) until ``epochs`` rounds are done or the KL threshold is passed."""
+        from .reporting import EpochLogger
+
+        cfg = self.cfg
+        cfg.run_dir.mkdir(parents=True, exist_ok=True)
+        if self.acc.is_main_process:
+            (cfg.run_dir / "config.json").write_text(cfg.to_json())
+        if not self.state.metric_id:
+            self.state.metric_id = self.rewards.metric_id()
+        logger = EpochLogger(self, enabled=self.acc.is_main_process)
+        for epoch in range(self.state.epoch, cfg.epochs):
+            stats = self.run_epoch(epoch)
+            record = vars(stats)
+            last = epoch == cfg.epochs - 1
+            if (cfg.eval_every and (epoch + 1) % cfg.eval_every == 0) or last:
+                ev = self.evaluate(epoch)
+                record |= {"eval_mrc": ev["mrc"], "eval_kl": ev["kl"], "eval_invalid": ev["invalid"]}
+            self.state.history.append(record)
+            self.state.epoch = epoch + 1
+            stop = cfg.algorithm.kl_stop is not None and stats.kl_mean > cfg.algorithm.kl_stop
+            if self.acc.is_main_process and ((epoch + 1) % cfg.save_every == 0 or last or stop):
+                save_checkpoint(
+                    cfg.run_dir,
+                    weights=self.policy.trainable_state_dict(),
+                    optimizer=self.optimizer,
+                    trackers=self.trackers,
+                    state=self.state,
+                    config_json=cfg.to_json(),
+                    keep=cfg.keep_checkpoints,
+                )
+            self.acc.wait_for_everyone()
+            logger.log(record)
+            if stop:
+                log.warning("KL %.4g passed the threshold %.4g: stopping early", stats.kl_mean, cfg.algorithm.kl_stop)
+                record["stopped_early"] = True
+                break
+        logger.close()
+        return self.state.history
+
+    def close(self) -> None:
+        self.rewards.close()

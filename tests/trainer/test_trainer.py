@@ -1,0 +1,179 @@
+"""The RL loop on a micro model: KL, direction of the update, NaN guard, exact resume."""
+
+from __future__ import annotations
+
+import math
+from concurrent.futures import Future
+from pathlib import Path
+
+import pytest
+import torch
+from torch import Tensor
+
+from carve3d_reward.client import ScoreResult
+from carve3d_trainer.config import load_config
+from carve3d_trainer.policies.base import SamplingConfig
+from carve3d_trainer.policies.tiny import TinyConfig, TinyGridPolicy
+from carve3d_trainer.rewards import RewardBackend
+from carve3d_trainer.trainer import Trainer
+
+MICRO = TinyConfig(
+    image_size=32,
+    block_out_channels=(16, 32),
+    attention_levels=1,
+    text_dim=16,
+    attention_head_dim=8,
+    norm_num_groups=8,
+    sampling=SamplingConfig(num_steps=4, guidance_scale=2.0),
+)
+
+
+class BrightnessRewards(RewardBackend):
+    """A synthetic reward (mean brightness), with an optional invalid status for some samples."""
+
+    def __init__(self, invalid_every: int = 0) -> None:
+        self.invalid_every = invalid_every
+        self.seen = 0
+
+    def submit(self, images: Tensor, request_id: str, *, renders: bool = False) -> Future[list[ScoreResult]]:
+        out = []
+        for v in images.mean(dim=(1, 2, 3)).tolist():
+            self.seen += 1
+            bad = self.invalid_every and self.seen % self.invalid_every == 0
+            out.append(
+                ScoreResult(
+                    mrc=None if bad else -v,
+                    reward=None if bad else v,
+                    status="invalid" if bad else "ok",
+                    metric="brightness",
+                )
+            )
+        f: Future[list[ScoreResult]] = Future()
+        f.set_result(out)
+        return f
+
+    def metric_id(self) -> str:
+        return "brightness"
+
+
+def make_trainer(
+    tmp_path: Path, *, epochs: int = 3, rewards: RewardBackend | None = None, lora: int = 4, **sets
+) -> Trainer:
+    overrides = {
+        "run_dir": str(tmp_path),
+        "epochs": epochs,
+        "samples_per_epoch": 8,
+        "sample_batch_size": 4,
+        "eval_every": 0,
+        "test_prompts": "builtin:shapes-test",
+        "policy.num_steps": 4,
+        "algorithm.train_batch_size": 4,
+        "algorithm.lr": 3e-3,
+        "reward.mode": "in-process",
+    } | sets
+    config = load_config(None, overrides)
+    torch.manual_seed(0)
+    policy = TinyGridPolicy(MICRO)
+    if lora:
+        policy.enable_lora(lora)
+    else:
+        policy.enable_full_finetune()
+    return Trainer(config, policy=policy, rewards=rewards or BrightnessRewards(), progress=False)
+
+
+def test_kl_is_zero_when_policy_equals_reference() -> None:
+    torch.manual_seed(0)
+    policy = TinyGridPolicy(MICRO)
+    policy.enable_lora(4)
+    traj = policy.sample(["a red cube", "a blue sphere"], generator=torch.Generator().manual_seed(1))
+    assert traj.ref_log_probs is not None
+    assert torch.equal(traj.kl, torch.zeros(2))
+    with torch.no_grad():  # move the adapters: the policy now differs from the reference
+        for name, p in policy.unet.named_parameters():
+            if "lora_B" in name:
+                p.add_(0.05)
+    traj = policy.sample(["a red cube", "a blue sphere"], generator=torch.Generator().manual_seed(1))
+    assert (traj.kl.abs() > 0).all()
+
+
+def test_one_update_raises_the_likelihood_of_high_advantage_samples(tmp_path) -> None:
+    """The policy-gradient step points the right way: sum_i A_i * (log p_new - log p_old) > 0."""
+    trainer = make_trainer(tmp_path, **{"algorithm.warmup_epochs": 0})
+    traj, results = trainer.sample_round(0)
+    adv, _ = trainer.advantages(traj, results)
+    trainer.update(traj, adv, 0)
+    with torch.no_grad():
+        new = torch.stack([trainer.policy.step_log_prob(traj, j) for j in range(traj.num_steps)], dim=1)
+    shift = (new - traj.log_probs).sum(dim=1)
+    assert float((adv * shift).sum()) > 0
+    assert torch.corrcoef(torch.stack([adv, shift]))[0, 1] > 0.5
+
+
+def test_policy_gradient_moves_the_reward_up(tmp_path) -> None:
+    trainer = make_trainer(
+        tmp_path,
+        epochs=7,
+        lora=0,
+        **{"algorithm.warmup_epochs": 1, "algorithm.beta": 0.0, "samples_per_epoch": 16, "algorithm.lr": 1e-3},
+    )
+    history = trainer.train()
+    rewards = [h["reward_mean"] for h in history]
+    assert rewards[-1] > rewards[0] + 0.02, [round(r, 4) for r in rewards]
+    assert all(h["skipped_steps"] == 0 for h in history)
+    assert history[0]["updated"] is False and history[1]["optimizer_steps"] == 1  # pure on-policy: 1 step/round
+    assert (tmp_path / "report.md").exists() and (tmp_path / "curves.png").exists()
+
+
+def test_invalid_samples_get_no_advantage(tmp_path) -> None:
+    trainer = make_trainer(tmp_path, rewards=BrightnessRewards(invalid_every=3))
+    traj, results = trainer.sample_round(0)
+    adv, stats = trainer.advantages(traj, results)
+    invalid = torch.tensor([not r.valid for r in results])
+    assert invalid.any() and stats["invalid"] == int(invalid.sum())
+    assert (adv[invalid] == 0).all() and (adv[~invalid] != 0).any()
+    assert math.isfinite(stats["reward_mean"])
+
+
+def test_non_finite_loss_skips_the_step_and_keeps_weights(tmp_path, monkeypatch) -> None:
+    trainer = make_trainer(tmp_path, epochs=2, **{"algorithm.warmup_epochs": 0})
+    before = {k: v.clone() for k, v in trainer.policy.trainable_state_dict().items()}
+    monkeypatch.setattr(
+        trainer.policy, "step_log_prob", lambda traj, step: torch.full((len(traj),), float("nan"), requires_grad=True)
+    )
+    stats = trainer.run_epoch(0)
+    assert stats.skipped_steps > 0 and stats.optimizer_steps == 0
+    after = trainer.policy.trainable_state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert all(torch.isfinite(v).all() for v in after.values())
+
+
+def test_resume_gives_the_same_samples_and_weights(tmp_path) -> None:
+    straight = make_trainer(tmp_path / "a", epochs=3, **{"algorithm.warmup_epochs": 1})
+    full = straight.train()
+    w_full = straight.policy.trainable_state_dict()
+
+    part = make_trainer(tmp_path / "b", epochs=2, **{"algorithm.warmup_epochs": 1})
+    part.train()
+    resumed = make_trainer(tmp_path / "b", epochs=3, **{"algorithm.warmup_epochs": 1})
+    assert resumed.resume() and resumed.state.epoch == 2
+    history = resumed.train()
+    w_resumed = resumed.policy.trainable_state_dict()
+    assert [h["reward_mean"] for h in history] == [h["reward_mean"] for h in full]
+    for k in w_full:
+        torch.testing.assert_close(w_resumed[k], w_full[k], rtol=0, atol=0)
+    assert (tmp_path / "b" / "checkpoints" / "latest").read_text().strip() == "epoch-0003"
+
+
+def test_config_errors_are_clear(tmp_path) -> None:
+    from carve3d_reward.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="multiple of"):
+        load_config(None, {"samples_per_epoch": 10, "sample_batch_size": 4})
+    with pytest.raises(ConfigError, match=r"algorithm\.beta"):
+        load_config(None, {"algorithm.beta": -1})
+    with pytest.raises(ConfigError, match="no built-in prompt set"):
+        make_trainer(tmp_path, train_prompts="builtin:nope")
+    bad = tmp_path / "bad.json"
+    bad.write_text("{nope")
+    with pytest.raises(ConfigError, match="not valid JSON"):
+        load_config(bad)
