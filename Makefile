@@ -20,6 +20,7 @@ venv: $(STAMP)
 ## The main job on the embedded default (no GPU, no downloaded weights).
 demo: $(STAMP)
 	$(BIN)/mrc demo --out $(OUT)/demo
+	$(BIN)/carve3d-train demo --out $(OUT)/rl-demo
 
 ## Lint and the whole test suite.
 test: $(STAMP)

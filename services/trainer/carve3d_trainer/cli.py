@@ -66,6 +66,13 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_demo(args: argparse.Namespace) -> int:
+    from .demo import run_demo
+
+    run_demo(args.out, epochs=args.epochs, policy_path=args.policy_path, progress=not args.no_progress)
+    return 0
+
+
 def cmd_prompts(args: argparse.Namespace) -> int:
     from .prompts import builtin_sets, load_prompts
 
@@ -95,6 +102,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace an existing run in --run-dir")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("demo", help="start the reward service and finetune the CPU model against it (minutes)")
+    p.add_argument("--out", type=Path, default=Path("out/rl-demo"))
+    p.add_argument("--epochs", type=int, default=4)
+    p.add_argument("--policy-path", help="start from these tiny-model weights instead of a random model")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser("prompts", help="list the shipped prompt sets, or print one")
     p.add_argument("name", nargs="?", help="e.g. builtin:shapes-train or a file")

@@ -42,7 +42,8 @@ class EpochLogger:
             self.writer = SummaryWriter(str(self.run_dir / "tb"))
             self.console.print(
                 f"[bold]{'epoch':>5} {'reward':>9} {'MRC':>8} {'KL':>9} {'eval MRC':>9} {'loss':>9} "
-                f"{'|grad|':>8} {'wait s':>7} {'samp/s':>7} {'invalid':>7}[/bold]"
+                f"{'|grad|':>8} {'wait s':>7} {'samp/s':>7} {'invalid':>7}[/bold]",
+                soft_wrap=True,
             )
 
     def log(self, record: dict[str, Any]) -> None:
@@ -73,7 +74,8 @@ class EpochLogger:
         self.console.print(
             f"{epoch:>5} {fmt('reward_mean', 9)} {fmt('mrc_mean', 8)} {fmt('kl_mean', 9, '.2e')} "
             f"{fmt('eval_mrc', 9)} {fmt('loss', 9, '.2e')} {fmt('grad_norm', 8, '.3f')} "
-            f"{fmt('reward_wait_s', 7, '.1f')} {fmt('samples_per_s', 7, '.2f')} {fmt('invalid', 7, 'd')}{note}"
+            f"{fmt('reward_wait_s', 7, '.1f')} {fmt('samples_per_s', 7, '.2f')} {fmt('invalid', 7, 'd')}{note}",
+            soft_wrap=True,
         )
         write_report(self.run_dir, self.trainer.state.history, self.trainer.state.metric_id)
 
