@@ -20,8 +20,9 @@ from pathlib import Path
 from torch import Tensor
 
 from carve3d_reward.client import ScoreResult
+from carve3d_reward.service.launch import serve_subprocess
 from carve3d_trainer.config import load_config
-from carve3d_trainer.demo import reward_service
+from carve3d_trainer.demo import DEMO_SERVICE_ARGS
 from carve3d_trainer.rewards import ServiceRewards
 from carve3d_trainer.trainer import Trainer
 
@@ -70,7 +71,7 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=2)
     parser.add_argument("--samples", type=int, default=16)
     args = parser.parse_args()
-    with tempfile.TemporaryDirectory() as tmp, reward_service(Path(tmp) / "service.log") as url:
+    with tempfile.TemporaryDirectory() as tmp, serve_subprocess(*DEMO_SERVICE_ARGS) as (url, _):
         rows = {
             "asynchronous": measure(url, Path(tmp) / "a", ServiceRewards, args.epochs, args.samples),
             "synchronous": measure(url, Path(tmp) / "s", SynchronousRewards, args.epochs, args.samples),

@@ -3,24 +3,19 @@
 from __future__ import annotations
 
 import contextlib
-import os
-import signal
-import socket
 import subprocess
-import sys
+import tempfile
 import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
-import httpx
 import uvicorn
 
+from carve3d_reward.errors import MRCError
+from carve3d_reward.service.launch import free_port, serve_subprocess
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+__all__ = ["free_port", "serve_app", "serve_process"]
 
 
 @contextlib.contextmanager
@@ -47,35 +42,11 @@ def serve_app(app, *, startup_timeout: float = 60.0) -> Iterator[str]:
 def serve_process(
     *args: str, env: dict[str, str] | None = None, startup_timeout: float = 90.0, port: int | None = None
 ) -> Iterator[tuple[str, subprocess.Popen]]:
-    """Run ``mrc serve`` as a child process; yields its base URL and the process."""
-    port = port or free_port()
-    exe = Path(sys.executable).with_name("mrc")
-    proc = subprocess.Popen(
-        [str(exe), "serve", "--port", str(port), "--log-level", "warning", *args],
-        env={**os.environ, **(env or {})},
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + startup_timeout
-    while True:
-        if proc.poll() is not None:
-            raise RuntimeError(f"mrc serve exited early:\n{proc.stdout.read() if proc.stdout else ''}")
-        with contextlib.suppress(httpx.HTTPError):
-            if httpx.get(url + "/readyz", timeout=1.0).status_code == 200:
-                break
-        if time.monotonic() > deadline:
-            proc.kill()
-            raise RuntimeError("mrc serve did not become ready")
-        time.sleep(0.1)
-    try:
-        yield url, proc
-    finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+    """Run ``mrc serve`` as a child process (output in a temporary log); yields its URL and the process."""
+    with tempfile.TemporaryDirectory() as tmp:
+        log = Path(tmp) / "serve.log"
+        try:
+            with serve_subprocess(*args, port=port, log=log, env=env, startup_timeout=startup_timeout) as served:
+                yield served
+        except MRCError as exc:
+            raise RuntimeError(f"{exc}\n{log.read_text() if log.exists() else ''}") from None

@@ -8,19 +8,9 @@ service (SIGTERM: it drains first).
 
 from __future__ import annotations
 
-import contextlib
-import os
-import signal
-import socket
-import subprocess
-import sys
-import time
-from collections.abc import Iterator
 from pathlib import Path
 
-import httpx
-
-from carve3d_reward.errors import MRCError
+from carve3d_reward.service.launch import serve_subprocess
 
 from .config import load_config
 
@@ -28,54 +18,12 @@ from .config import load_config
 DEMO_SERVICE_ARGS = ("--view-size", "32", "--carve-resolution", "48", "--carve-samples", "96", "--max-delay-ms", "5")
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-@contextlib.contextmanager
-def reward_service(log_path: Path, startup_timeout: float = 120.0) -> Iterator[str]:
-    """Run ``mrc serve`` on loopback for the duration of the block; yields its URL."""
-    port = _free_port()
-    exe = Path(sys.executable).with_name("mrc")
-    log_path.parent.mkdir(parents=True, exist_ok=True)
-    with log_path.open("w") as log:
-        proc = subprocess.Popen(
-            [str(exe), "serve", "--host", "127.0.0.1", "--port", str(port), *DEMO_SERVICE_ARGS],
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            env=os.environ.copy(),
-        )
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + startup_timeout
-        while True:
-            if proc.poll() is not None:
-                raise MRCError(f"the reward service exited at start-up (exit {proc.returncode}); see {log_path}")
-            with contextlib.suppress(httpx.HTTPError):
-                if httpx.get(url + "/readyz", timeout=2).status_code == 200:
-                    break
-            if time.monotonic() > deadline:
-                raise MRCError(f"the reward service was not ready after {startup_timeout:.0f} s; see {log_path}")
-            time.sleep(0.2)
-        yield url
-    finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-
-
 def run_demo(out_dir: Path, *, epochs: int = 4, policy_path: str | None = None, progress: bool = True) -> Path:
     """Service + short finetuning; returns the report's path."""
     from .trainer import Trainer
 
     out_dir.mkdir(parents=True, exist_ok=True)
-    with reward_service(out_dir / "reward-service.log") as url:
+    with serve_subprocess(*DEMO_SERVICE_ARGS, log=out_dir / "reward-service.log") as (url, _):
         print(f"reward service ready at {url} (log: {out_dir / 'reward-service.log'})")
         overrides = {
             "run_dir": str(out_dir / "run"),

@@ -104,7 +104,10 @@ def write_report(run_dir: Path, history: list[dict[str, Any]], metric_id: str = 
     axes[1].set_title("KL to the base model")
     axes[2].plot(epochs, series("reward_std"), marker="o", color="tab:green")
     axes[2].set_title("reward std within a round")
+    from matplotlib.ticker import MaxNLocator
+
     for ax in axes:
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_xlabel("epoch")
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=8)
