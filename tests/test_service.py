@@ -388,3 +388,17 @@ def test_python_client_against_the_real_service(server, model, grids) -> None:
     async_results = asyncio.run(run_async())
     np.testing.assert_allclose([r.mrc for r in async_results], expected(model, grids[:2]), atol=1e-6)
     assert async_results[0].render_arrays()[0].shape == (64, 64, 3)
+
+
+def test_unexpected_error_is_json_500_and_keeps_the_connection(model, fast_settings) -> None:
+    app = create_app(ServiceSettings(metric=fast_settings), model=model)
+    with serve_app(app) as url, httpx.Client() as client:
+        state = app.state.service
+        real = state.model
+        state.model = object()  # /v1/info now raises AttributeError inside the route
+        try:
+            r = client.get(url + "/v1/info")
+        finally:
+            state.model = real
+        assert r.status_code == 500 and r.json()["error"] == "internal" and r.json()["request_id"]
+        assert client.get(url + "/healthz").status_code == 200  # same keep-alive connection still works
