@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
+from accelerate.utils import gather_object
 from PIL import Image, ImageDraw, ImageFont
 
 from carve3d_reward.client import ScoreResult
@@ -30,27 +31,42 @@ def _seed(trainer: Trainer) -> int:
 
 
 def evaluate_policy(trainer: Trainer, epoch: int) -> dict[str, Any]:
+    """Every process evaluates whole batches (batch ``k`` on process ``k % N``) and all results are gathered.
+
+    Batch ``k`` is always samples ``[k * B, (k + 1) * B)`` with step noise seeded by ``k * B``, so the
+    numbers (and the sheet, built on process 0 from the first gathered samples) do not depend on the
+    number of processes.
+    """
     cfg = trainer.cfg
     prompts = [p for p in trainer.test_prompts for _ in range(cfg.eval_samples_per_prompt)]
     gen = torch.Generator().manual_seed(_seed(trainer))
     noise = torch.randn((len(prompts), *trainer.policy.latent_shape()), generator=gen)  # fixed across epochs
-    mine = list(range(trainer.rank, len(prompts), trainer.world))
-    step_gen = torch.Generator().manual_seed(_seed(trainer) + 1 + trainer.rank)
+    bs = cfg.sample_batch_size
+    batches = [list(range(s, min(s + bs, len(prompts)))) for s in range(0, len(prompts), bs)]
+    mine = batches[trainer.rank :: trainer.world]
+    step_gen = torch.Generator()
     futures, images, kls = [], [], []
     trainer.policy.eval()
-    for start in range(0, len(mine), cfg.sample_batch_size):
-        idx = mine[start : start + cfg.sample_batch_size]
+    for idx in mine:
         step_gen.manual_seed(_seed(trainer) + 1 + idx[0])  # each batch's step noise fixed too
         traj = trainer.policy.sample([prompts[i] for i in idx], noise=noise[idx], generator=step_gen)
         futures.append(trainer.rewards.submit(traj.images, f"run{trainer.run_id}-eval{epoch}-i{idx[0]}", renders=True))
         images.append(traj.images.cpu())
         kls.append(traj.kl.cpu())
     results = trainer.rewards.collect(futures)
+    index = [i for idx in mine for i in idx]
+    image = torch.cat(images) if images else torch.zeros(0)
     kl = torch.cat(kls) if kls else torch.zeros(0)
-    mrc = torch.tensor([r.mrc if r.valid and r.mrc is not None else math.nan for r in results], dtype=torch.float64)
+    # (sample index, MRC or NaN, KL, and for the sheet's rows the image and its result) of every sample
+    rows = [
+        (i, r.mrc if r.valid and r.mrc is not None else math.nan, float(k), (image[n], r) if i < SHEET_ROWS else None)
+        for n, (i, r, k) in enumerate(zip(index, results, kl.tolist(), strict=True))
+    ]
     if trainer.world > 1:
-        mrc = trainer.acc.gather_for_metrics(mrc.to(trainer.acc.device)).cpu()
-        kl = trainer.acc.gather_for_metrics(kl.to(trainer.acc.device)).cpu()
+        rows = gather_object(rows)
+    rows.sort(key=lambda row: row[0])
+    mrc = torch.tensor([row[1] for row in rows], dtype=torch.float64)
+    kl = torch.tensor([row[2] for row in rows], dtype=torch.float64)
     valid = ~torch.isnan(mrc)
     out = {
         "mrc": float(mrc[valid].mean()) if valid.any() else math.nan,
@@ -58,10 +74,16 @@ def evaluate_policy(trainer: Trainer, epoch: int) -> dict[str, Any]:
         "invalid": int((~valid).sum()),
         "sheet": None,
     }
-    if trainer.acc.is_main_process and images:
+    shown = [row for row in rows if row[3] is not None]
+    if trainer.acc.is_main_process and shown:
         path = cfg.run_dir / "eval" / f"epoch-{epoch:04d}.png"
-        labels = [prompts[i] for i in mine]
-        sheet_image(torch.cat(images)[:SHEET_ROWS], results[:SHEET_ROWS], labels[:SHEET_ROWS], epoch).save(_mkdir(path))
+        sheet = sheet_image(
+            torch.stack([row[3][0] for row in shown]),
+            [row[3][1] for row in shown],
+            [prompts[row[0]] for row in shown],
+            epoch,
+        )
+        sheet.save(_mkdir(path))
         out["sheet"] = str(path)
     return out
 

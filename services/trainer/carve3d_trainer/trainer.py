@@ -15,6 +15,20 @@ One epoch (a sampling round):
    the run;
 5. evaluate on held-out prompts with fixed noise, checkpoint, stop early when
    the KL passes its threshold.
+
+Multiple processes (GPUs, or CPU processes with gloo) run the same loop under
+``accelerate``: each samples ``samples_per_epoch / N`` grids from its own noise
+stream (seeded by ``(seed, epoch, rank)``), every process updates identical
+trackers from the gathered rewards/KLs and trains on its own samples' slice of
+the advantages, DDP averages the gradients (once per optimiser step), only
+process 0 writes checkpoints and logs, and every process resumes from the same
+checkpoint. ``samples_per_epoch`` must be a multiple of
+``sample_batch_size * N``; ``run_dir`` must be visible to every process. Launch::
+
+    accelerate launch --num_processes 2 -m carve3d_trainer.cli train --run-dir out/run ...
+    torchrun --standalone --nproc_per_node 2 -m carve3d_trainer.cli train --run-dir out/run ...
+
+(add ``--cpu`` to ``accelerate launch`` to run CPU processes on a GPU machine).
 """
 
 from __future__ import annotations
@@ -24,6 +38,7 @@ import json
 import logging
 import math
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Any
 
@@ -33,6 +48,7 @@ from accelerate.utils import gather_object
 from torch import Tensor
 
 from carve3d_reward.client import ScoreResult
+from carve3d_reward.errors import ConfigError
 
 from .checkpoint import TrainingState, latest_checkpoint, load_checkpoint, save_checkpoint
 from .config import TrainConfig
@@ -62,8 +78,6 @@ def build_policy(config: TrainConfig) -> DiffusionPolicy:
         from .policies.diffusers_sd import build_policy as build_sd
 
         if not p.path:
-            from carve3d_reward.errors import ConfigError
-
             raise ConfigError(f"policy.kind {p.kind!r} needs policy.path (a local folder or a hub id)")
         dtype = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[p.mixed_precision]
         policy = build_sd(p.kind, p.path, sampling=sampling, dtype=dtype)
@@ -134,18 +148,28 @@ class Trainer:
             mixed_precision="no",
             gradient_accumulation_steps=1,
         )
+        if config.samples_per_epoch % (config.sample_batch_size * self.acc.num_processes):
+            raise ConfigError(
+                f"samples_per_epoch ({config.samples_per_epoch}) must be a multiple of sample_batch_size x "
+                f"processes ({config.sample_batch_size} x {self.acc.num_processes})"
+            )
         self.train_prompts = load_prompts(config.train_prompts)
         self.test_prompts = load_prompts(config.test_prompts)
         self.policy = policy or build_policy(config)
         self.policy.to(self.acc.device)
         params = self.policy.trainable_parameters()
         if not params:
-            from carve3d_reward.errors import ConfigError
-
             raise ConfigError("the policy has no trainable parameters")
         a = config.algorithm
         self.optimizer = torch.optim.AdamW(params, lr=a.lr, weight_decay=a.weight_decay)
+        # Several processes: the UNet is wrapped in DDP. Every trainable tensor (the LoRA adapters or the whole
+        # UNet) takes part in every forward pass, so DDP's default find_unused_parameters=False is right (and a
+        # frozen base is simply not registered). Buffers are not synchronised per forward pass: the UNets
+        # have none that train, and the no-grad sampling passes (whose number may differ between processes
+        # during evaluation) must not contain a collective.
         self.policy.unet, self.optimizer = self.acc.prepare(self.policy.unet, self.optimizer)
+        if isinstance(self.policy.unet, torch.nn.parallel.DistributedDataParallel):
+            self.policy.unet.broadcast_buffers = False
         per_prompt = math.ceil(config.samples_per_epoch / len(self.train_prompts))
         self.trackers = {
             name: PerPromptStatTracker(
@@ -168,8 +192,15 @@ class Trainer:
         return self.acc.process_index
 
     def resume(self) -> bool:
-        """Load the latest checkpoint of ``run_dir`` if there is one."""
+        """Load the latest checkpoint of ``run_dir`` if there is one (every process loads the same one)."""
         path = latest_checkpoint(self.cfg.run_dir)
+        if self.world > 1:
+            found = gather_object([None if path is None else str(path.resolve())])
+            if len(set(found)) > 1:
+                raise ConfigError(
+                    f"the processes see different latest checkpoints in {self.cfg.run_dir} ({found}): "
+                    "run_dir must be one folder that every process sees"
+                )
         if path is None:
             return False
         weights, state = load_checkpoint(path, optimizer=self.optimizer, trackers=self.trackers)
@@ -183,7 +214,7 @@ class Trainer:
         """Sample this process's share of the round, scoring each batch while the next is sampled."""
         cfg = self.cfg
         local = cfg.samples_per_epoch // self.world
-        batches = max(1, local // cfg.sample_batch_size)
+        batches = local // cfg.sample_batch_size  # a whole number: checked in __init__
         gen = torch.Generator().manual_seed(_seed(cfg.seed, "sample", epoch, self.rank))
         trajs, futures = [], []
         from tqdm import tqdm
@@ -208,13 +239,20 @@ class Trainer:
         reward = torch.tensor(
             [r.reward if r.valid and r.reward is not None else math.nan for r in results], dtype=torch.float64
         )
-        valid = torch.tensor([r.valid for r in results])
+        valid = torch.tensor([r.valid for r in results], dtype=torch.bool)
         kl = traj.kl.detach().to(torch.float64).cpu()
-        prompts = gather_object(list(traj.prompts)) if self.world > 1 else list(traj.prompts)
+        prompts = list(traj.prompts)
         if self.world > 1:
-            reward = self.acc.gather(reward.to(self.acc.device)).cpu()
-            valid = self.acc.gather(valid.to(self.acc.device)).cpu()
-            kl = self.acc.gather(kl.to(self.acc.device)).cpu()
+            # One collective for all three; every process gets every process's rows in rank order, so this
+            # process's samples are rows [rank * n, (rank + 1) * n) (every process samples n).
+            local = torch.stack([reward, valid.to(torch.float64), kl], dim=1)
+            gathered = self.acc.gather(local.to(self.acc.device)).cpu()
+            reward, valid, kl = gathered[:, 0], gathered[:, 1] > 0.5, gathered[:, 2]
+            prompts = gather_object(prompts)
+            if len(prompts) != len(reward) or prompts[self.rank * len(traj) : (self.rank + 1) * len(traj)] != list(
+                traj.prompts
+            ):
+                raise RuntimeError("gathered samples are not in rank order: the processes disagree on the round")
         a = self.cfg.algorithm
         adv_r = self.trackers["reward"].update(prompts, reward, valid)
         adv_kl = self.trackers["kl"].update(prompts, kl, valid)
@@ -248,24 +286,35 @@ class Trainer:
             for m in range(minibatches):
                 idx = order[m * a.train_batch_size : (m + 1) * a.train_batch_size]
                 mb, mb_adv = traj.select(idx), adv[idx.to(adv.device)]
-                for j in torch.randperm(steps, generator=gen)[:train_steps].tolist():
-                    logp = self.policy.step_log_prob(mb, j)
-                    if a.method == "ppo":
-                        ratio = torch.exp(logp - mb.log_probs[:, j].to(logp.device))
-                        clipped = torch.clamp(ratio, 1 - a.ppo_clip, 1 + a.ppo_clip)
-                        loss = torch.maximum(-mb_adv * ratio, -mb_adv * clipped).mean()
-                    else:
-                        loss = -(mb_adv * logp).mean()
-                    loss = loss * len(idx) / (n if accum == minibatches else len(idx) * accum) / train_steps
-                    if not torch.isfinite(loss):
-                        skipped += 1
-                        log.warning("non-finite loss at epoch %d: this backward pass is skipped", epoch)
-                        continue
-                    self.acc.backward(loss)
+                step_ends = pending + 1 == accum or m == minibatches - 1
+                chosen = torch.randperm(steps, generator=gen)[:train_steps].tolist()
+                for k, j in enumerate(chosen):
+                    # DDP all-reduces the gradients only in the last backward pass before an optimiser step;
+                    # the others accumulate locally (forward and backward both inside no_sync).
+                    sync = step_ends and k == len(chosen) - 1
+                    with nullcontext() if sync else self.acc.no_sync(self.policy.unet):
+                        logp = self.policy.step_log_prob(mb, j)
+                        if a.method == "ppo":
+                            ratio = torch.exp(logp - mb.log_probs[:, j].to(logp.device))
+                            clipped = torch.clamp(ratio, 1 - a.ppo_clip, 1 + a.ppo_clip)
+                            loss = torch.maximum(-mb_adv * ratio, -mb_adv * clipped).mean()
+                        else:
+                            loss = -(mb_adv * logp).mean()
+                        loss = loss * len(idx) / (n if accum == minibatches else len(idx) * accum) / train_steps
+                        if not self._all_finite(loss):
+                            skipped += 1
+                            log.warning("non-finite loss at epoch %d: this backward pass is skipped", epoch)
+                            if sync and self.world > 1:
+                                # DDP's forward prepared this pass to all-reduce: a zero loss that reaches every
+                                # trainable tensor lets it do so (over the gradients accumulated so far) instead
+                                # of leaving the reducer expecting a backward pass that never comes.
+                                self.acc.backward(sum((p * 0.0).sum() for p in self.policy.trainable_parameters()))
+                            continue
+                        self.acc.backward(loss)
                     backwards += 1
                     losses.append(float(loss.detach()) * train_steps)
                 pending += 1
-                if pending == accum or m == minibatches - 1:
+                if step_ends:
                     norm = self.acc.clip_grad_norm_(self.policy.trainable_parameters(), a.max_grad_norm)
                     norm_f = float(norm) if norm is not None and backwards else math.nan
                     if math.isfinite(norm_f):
@@ -277,12 +326,27 @@ class Trainer:
                         log.warning("non-finite gradient at epoch %d: the optimiser step is skipped", epoch)
                     self.optimizer.zero_grad(set_to_none=True)
                     pending, backwards = 0, 0
+        loss_sum = torch.tensor([sum(losses), len(losses)], dtype=torch.float64)
+        if self.world > 1:  # the logged loss is the whole round's, not this process's
+            loss_sum = self.acc.reduce(loss_sum.to(self.acc.device), reduction="sum").cpu()
         return {
-            "loss": sum(losses) / max(1, len(losses)),
+            "loss": float(loss_sum[0] / loss_sum[1].clamp_min(1)),
             "grad_norm": sum(norms) / max(1, len(norms)) if norms else math.nan,
             "optimizer_steps": opt_steps,
             "skipped_steps": skipped,
         }
+
+    def _all_finite(self, loss: Tensor) -> bool:
+        """Whether the loss is finite on every process: all of them skip a backward pass or none does.
+
+        A process skipping a backward pass alone would pair its next gradient all-reduce with another
+        process's current one (and hang the run at the end of the round).
+        """
+        finite = bool(torch.isfinite(loss.detach()).all())
+        if self.world == 1:
+            return finite
+        bad = torch.tensor([0.0 if finite else 1.0], device=self.acc.device)
+        return float(self.acc.reduce(bad, reduction="sum")) == 0.0
 
     def run_epoch(self, epoch: int) -> EpochStats:
         start = time.perf_counter()
