@@ -56,13 +56,15 @@ def cmd_train(args: argparse.Namespace) -> int:
 
         shutil.rmtree(run_dir, ignore_errors=True)
     trainer = Trainer(config, progress=not args.no_progress)
+    main_process = trainer.acc.is_main_process
     try:
-        if args.resume and trainer.resume():
+        if args.resume and trainer.resume() and main_process:
             print(f"resuming {run_dir} after epoch {trainer.state.epoch}", file=sys.stderr)
         trainer.train()
     finally:
         trainer.close()
-    print(f"report: {run_dir / 'report.md'}")
+    if main_process:
+        print(f"report: {run_dir / 'report.md'}")
     return 0
 
 
