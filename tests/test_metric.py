@@ -4,7 +4,6 @@ import pytest
 import torch
 
 from carve3d_reward.cameras import Cameras
-from carve3d_reward.errors import ConfigError
 from carve3d_reward.grid import join_grid
 from carve3d_reward.layouts import INSTANT3D_2X2, LAYOUTS, GridLayout
 from carve3d_reward.metric import MRC, STATUS_EMPTY_VIEW, STATUS_OK
@@ -112,6 +111,8 @@ def test_other_layouts_work_without_touching_the_metric(monkeypatch, fast_settin
     assert (result.mrc < 0.05).all()
 
 
-def test_lrm_without_support_is_a_clear_error() -> None:
-    with pytest.raises(ConfigError, match="use --reconstructor carve"):
-        MRC(MetricSettings(reconstructor="lrm"))
+def test_lrm_without_weights_says_how_to_get_them(tmp_path) -> None:
+    from carve3d_reward.errors import WeightsMissingError
+
+    with pytest.raises(WeightsMissingError, match="mrc weights fetch --lrm"):
+        MRC(MetricSettings(reconstructor="lrm", lrm_cache_dir=tmp_path))

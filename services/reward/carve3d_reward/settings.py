@@ -19,10 +19,29 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 from . import __version__
 
 ReconstructorName = Literal["carve", "lrm"]
+LRMPresetName = Literal["instant-nerf-large", "instant-nerf-base", "tiny"]
+LRMDType = Literal["fp32", "bf16", "fp16"]
 DistanceName = Literal["l1", "ssim", "lpips-alex", "lpips-vgg"]
 
 #: Fields that do not change the score and are left out of the metric id.
-_RUNTIME_FIELDS = frozenset({"device", "chunk_rays", "lpips_trunk_path", "lpips_trunk_sha256"})
+_RUNTIME_FIELDS = frozenset(
+    {
+        "device",
+        "chunk_rays",
+        "lpips_trunk_path",
+        "lpips_trunk_sha256",
+        # LRM: where the weights are and how fast they run; the weights themselves enter the metric id through
+        # the reconstructor's fingerprint (their sha256).
+        "lrm_checkpoint",
+        "lrm_checkpoint_sha256",
+        "lrm_cache_dir",
+        "lrm_download",
+        "lrm_chunk_rays",
+        "lrm_compile",
+    }
+)
+#: Prefix of the fields that only matter to the ``lrm`` reconstructor (left out of other reconstructors' ids).
+_LRM_PREFIX = "lrm_"
 
 
 class MetricSettings(BaseSettings):
@@ -49,10 +68,34 @@ class MetricSettings(BaseSettings):
         None, description="LPIPS trunk weights file (default: the torchvision file in the torch cache)."
     )
     lpips_trunk_sha256: str | None = Field(None, description="Expected sha256 of lpips_trunk_path.")
+    lrm_preset: LRMPresetName = Field("instant-nerf-large", description="LRM architecture and published weights.")
+    lrm_checkpoint: Path | None = Field(
+        None, description="LRM weights file, .ckpt or .safetensors (unset: the preset's file in the HF cache)."
+    )
+    lrm_checkpoint_sha256: str | None = Field(None, description="Expected sha256 (or prefix) of lrm_checkpoint.")
+    lrm_cache_dir: Path | None = Field(None, description="Hugging Face cache for LRM weights (unset: HF_HUB_CACHE).")
+    lrm_download: bool = Field(False, description="Download missing published LRM weights on first use.")
+    lrm_dtype: LRMDType = Field("fp32", description="Autocast dtype of the LRM encoder/transformer (bf16 on GPUs).")
+    lrm_radius: float | None = Field(
+        None, gt=0.0, description="Camera distance given to the LRM (unset: --radius, the grid cameras' own)."
+    )
+    lrm_render_size: int | None = Field(
+        None, ge=16, le=2048, description="LRM render size before resizing to the view size (unset: the view size)."
+    )
+    lrm_samples_per_ray: int | None = Field(
+        None, ge=8, le=1024, description="LRM samples per ray, half importance-placed (unset: the preset's)."
+    )
+    lrm_chunk_rays: int = Field(1 << 13, ge=64, description="LRM rays x grids rendered at once (bounds memory).")
+    lrm_compile: bool = Field(False, description="torch.compile the LRM encoder and transformer.")
 
     def score_fields(self) -> dict[str, object]:
         """The fields that change a score, as JSON-able values."""
-        return {k: v for k, v in self.model_dump(mode="json").items() if k not in _RUNTIME_FIELDS}
+        lrm = self.reconstructor == "lrm"
+        return {
+            k: v
+            for k, v in self.model_dump(mode="json").items()
+            if k not in _RUNTIME_FIELDS and (lrm or not k.startswith(_LRM_PREFIX))
+        }
 
     def settings_hash(self) -> str:
         blob = json.dumps(self.score_fields(), sort_keys=True).encode()

@@ -20,10 +20,9 @@ def build_reconstructor(settings: MetricSettings) -> Reconstructor:
         )
         return CarveReconstructor(config).to(settings.device)
     if settings.reconstructor == "lrm":
-        raise ConfigError(
-            "the 'lrm' reconstructor (InstantMesh-compatible sparse-view LRM) is not available in this "
-            "version yet; use --reconstructor carve"
-        )
+        from ..lrm.reconstructor import LRMReconstructor
+
+        return LRMReconstructor.from_settings(settings)  # WeightsMissingError says how to get the weights
     raise ConfigError(f"unknown reconstructor {settings.reconstructor!r}")
 
 
