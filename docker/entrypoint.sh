@@ -7,6 +7,8 @@
 #                  none:           fetch nothing (offline; a missing file then stops `mrc serve` with a
 #                                  one-line error naming the file and the command that fetches it)
 #                  lpips-alex, lpips-vgg, lpips-all
+#                  lrm-large, lrm-base: the InstantMesh NeRF checkpoints (into $HF_HOME); auto fetches the
+#                                  preset MRC_LRM_PRESET when MRC_RECONSTRUCTOR=lrm and MRC_LRM_CHECKPOINT is unset
 #   Fetching is `mrc weights fetch`: a no-op when a valid copy is already there (sha256-checked), so it only
 #   needs the network on the first start with an empty cache volume.
 #
@@ -39,6 +41,13 @@ if [ "$want" = "auto" ]; then
       lpips-vgg) want=lpips-vgg ;;
     esac
   fi
+  if [ "${MRC_RECONSTRUCTOR:-carve}" = "lrm" ] && [ -z "${MRC_LRM_CHECKPOINT:-}" ]; then
+    case "${MRC_LRM_PRESET:-instant-nerf-large}" in
+      instant-nerf-base) lrm="lrm-base" ;;
+      *) lrm="lrm-large" ;;
+    esac
+    if [ "$want" = "none" ]; then want=$lrm; else want="$want,$lrm"; fi
+  fi
 fi
 
 for item in $(printf '%s' "$want" | tr ',' ' '); do
@@ -48,8 +57,12 @@ for item in $(printf '%s' "$want" | tr ',' ' '); do
       echo "entrypoint: mrc weights fetch --lpips ${item#lpips-} (TORCH_HOME=$cache)"
       mrc weights fetch --lpips "${item#lpips-}"
       ;;
+    lrm-large | lrm-base)
+      echo "entrypoint: mrc weights fetch --lrm instant-nerf-${item#lrm-} (HF_HOME=${HF_HOME:-default})"
+      mrc weights fetch --lrm "instant-nerf-${item#lrm-}"
+      ;;
     *)
-      echo "entrypoint: FETCH_WEIGHTS: unknown entry '$item' (use auto, none, lpips-alex, lpips-vgg, lpips-all)" >&2
+      echo "entrypoint: FETCH_WEIGHTS: unknown entry '$item' (use auto, none, lpips-alex, lpips-vgg, lpips-all, lrm-large, lrm-base)" >&2
       exit 2
       ;;
   esac

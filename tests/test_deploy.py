@@ -773,6 +773,15 @@ def _entrypoint(env: dict[str, str], *command: str) -> subprocess.CompletedProce
         ({"MRC_DISTANCE": "lpips-alex", "MRC_LPIPS_TRUNK_PATH": "/w/alex.pth"}, []),
         ({"MRC_DISTANCE": "lpips-alex", "FETCH_WEIGHTS": "none"}, []),
         ({"FETCH_WEIGHTS": "lpips-alex,lpips-vgg"}, ["weights fetch --lpips alex", "weights fetch --lpips vgg"]),
+        (
+            {"MRC_RECONSTRUCTOR": "lrm", "MRC_DISTANCE": "lpips-alex"},
+            ["weights fetch --lpips alex", "weights fetch --lrm instant-nerf-large"],
+        ),
+        (
+            {"MRC_RECONSTRUCTOR": "lrm", "MRC_LRM_PRESET": "instant-nerf-base"},
+            ["weights fetch --lrm instant-nerf-base"],
+        ),
+        ({"MRC_RECONSTRUCTOR": "lrm", "MRC_LRM_CHECKPOINT": "/w/lrm.ckpt"}, []),
     ],
 )
 def test_entrypoint_fetches_what_the_metric_needs(fake_mrc, extra, fetched) -> None:
@@ -784,8 +793,8 @@ def test_entrypoint_fetches_what_the_metric_needs(fake_mrc, extra, fetched) -> N
 
 def test_entrypoint_rejects_unknown_weights_and_seeds_baked_ones(fake_mrc, tmp_path) -> None:
     _, env = fake_mrc
-    out = _entrypoint({**env, "FETCH_WEIGHTS": "lrm"}, "true")
-    assert out.returncode == 2 and "unknown entry 'lrm'" in out.stderr
+    out = _entrypoint({**env, "FETCH_WEIGHTS": "bogus"}, "true")
+    assert out.returncode == 2 and "unknown entry 'bogus'" in out.stderr
     baked = tmp_path / "baked" / "hub" / "checkpoints"
     baked.mkdir(parents=True)
     (baked / "alexnet-owt-7be5be79.pth").write_bytes(b"weights")
