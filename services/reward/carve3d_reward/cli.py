@@ -212,8 +212,11 @@ def cmd_validate(args: argparse.Namespace) -> int:
 def cmd_weights_fetch(args: argparse.Namespace) -> int:
     from .weights import fetch_lpips_trunk
 
-    if args.lrm:
-        raise ConfigError("LRM weights are not supported by this version yet (see the learned reconstruction issue)")
+    if args.lrm:  # the LRM alone (the LPIPS trunk has its own --lpips run): Hugging Face cache, sha256-checked
+        from .lrm.checkpoint import fetch_checkpoint
+
+        print(f"lrm {args.lrm} weights: {fetch_checkpoint(args.lrm)}")
+        return 0
     nets = ["alex", "vgg"] if args.lpips == "all" else [args.lpips]
     for net in nets:
         path = fetch_lpips_trunk(net)
@@ -255,19 +258,21 @@ def cmd_serve(args: argparse.Namespace) -> int:
     # Triton is started here (PyTriton: a tritonserver child process) and stopped on the way out.
     import os
     import tempfile
+    import threading
 
     from .service.triton_engine import TritonEngine
     from .triton.binding import MRCTriton, check_environment
 
     triton: MRCTriton | None = None
     url = settings.triton_url
+    stopping, died = threading.Event(), threading.Event()
     if url is None:
         check_environment()
 
         def stop(signum: int, _frame: object) -> None:
             # SIGTERM while Triton starts, or re-raised by uvicorn after its drain: unwind through the
             # `finally` below, which stops tritonserver, so no server outlives this process.
-            raise SystemExit(0)
+            raise SystemExit(1 if died.is_set() else 0)
 
         signal.signal(signal.SIGTERM, stop)
         log_file = None
@@ -275,6 +280,16 @@ def cmd_serve(args: argparse.Namespace) -> int:
             log_file = Path(tempfile.gettempdir()) / f"mrc-triton-{os.getpid()}.log"
         triton = MRCTriton(settings, models=[model], log_file=log_file).start()
         url = triton.grpc_url
+
+        def watch(server: MRCTriton) -> None:  # Triton gone on its own: drain and exit 1 (the supervisor restarts)
+            while not stopping.wait(1.0):
+                if not server.is_alive() and not stopping.is_set():
+                    died.set()
+                    print("mrc serve: error: triton stopped unexpectedly; shutting down", file=sys.stderr)
+                    os.kill(os.getpid(), signal.SIGTERM)
+                    return
+
+        threading.Thread(target=watch, args=(triton,), name="mrc-triton-watch", daemon=True).start()
         print(
             f"mrc serve: triton (PyTriton) grpc {triton.grpc_url}, http {triton.http_url}, "
             f"metrics {triton.metrics_url}" + (f", log {log_file}" if log_file else ""),
@@ -289,9 +304,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
             signal.signal(signal.SIGTERM, lambda *_: None)
         run_gateway(engine=engine)
     finally:
+        stopping.set()
         if triton is not None:
             triton.stop()
-    return 0
+    return 1 if died.is_set() else 0
 
 
 # -- mrc cameras -------------------------------------------------------------------------------------------------
@@ -344,7 +360,9 @@ def build_parser() -> argparse.ArgumentParser:
     wsub = p.add_subparsers(dest="weights_command", required=True, metavar="ACTION")
     f = wsub.add_parser("fetch", help="download weights into the local cache (needs internet once)")
     f.add_argument("--lpips", choices=["alex", "vgg", "all"], default="alex", help="LPIPS trunk (default: alex)")
-    f.add_argument("--lrm", default=None, help="LRM checkpoint preset (not yet available)")
+    f.add_argument(
+        "--lrm", default=None, metavar="PRESET", help="LRM weights instead: instant-nerf-large or instant-nerf-base"
+    )
     f.set_defaults(func=cmd_weights_fetch)
 
     p = sub.add_parser("serve", help="run the reward service (POST /mrc)")

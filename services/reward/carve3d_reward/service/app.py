@@ -35,8 +35,17 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from .. import __version__
 from ..errors import InvalidInputError
 from ..grid import TooManyPixelsError, check_grid_size, decode_image
-from ..model import MRCModel, encode_png
-from .batcher import DynamicBatcher, EngineClosedError, QueueFullError, ScoreFn
+from ..metric import STATUS_EMPTY_VIEW, STATUS_OK, GridScore, MRCResult, ViewScore
+from ..model import ModelOutputs, MRCModel, encode_png
+from .batcher import (
+    AsyncEngine,
+    DynamicBatcher,
+    EngineClosedError,
+    EngineUnavailableError,
+    PassThroughBatcher,
+    QueueFullError,
+    ScoreFn,
+)
 from .metrics import ServiceMetrics
 from .schemas import ErrorModel, GridScoreModel, InfoModel, ScoreRequestModel, ScoreResponseModel
 from .settings import ServiceSettings
@@ -62,23 +71,54 @@ class ServiceState:
     settings: ServiceSettings
     metrics: ServiceMetrics
     model: MRCModel | None = None
-    batcher: DynamicBatcher | None = None
+    batcher: DynamicBatcher | PassThroughBatcher | None = None
+    engine: AsyncEngine | None = None  # a remote engine that batches itself (Triton)
     ready: bool = False
     draining: bool = False
     responses: OrderedDict[str, tuple[float, asyncio.Future[Any]]] = field(default_factory=OrderedDict)
 
 
+def grid_results(outputs: ModelOutputs, metric_id: str) -> list[dict[str, Any]]:
+    """Model outputs -> one proto-shaped ``GridScore`` dict per grid.
+
+    The only place results are built, for every engine (in-process, Triton), so
+    the engines cannot drift apart in what they answer.
+    """
+    results = []
+    for i in range(len(outputs.mrc)):
+        views = [
+            ViewScore(float(d), (int(b[0]), int(b[1]), int(b[2]), int(b[3])), bool(e))
+            for d, b, e in zip(
+                outputs.distances[i].tolist(), outputs.boxes[i].tolist(), outputs.empty[i].tolist(), strict=True
+            )
+        ]
+        mrc = float(outputs.mrc[i])
+        status = STATUS_EMPTY_VIEW if bool(np.any(outputs.empty[i])) else STATUS_OK
+        results.append(GridScore(mrc=mrc, reward=-mrc, status=status, views=views, metric=metric_id).to_dict())
+    return results
+
+
+def model_outputs(result: MRCResult) -> ModelOutputs:
+    """A library result as the model callable's outputs (what ``MRCModel.__call__`` returns)."""
+    return ModelOutputs(
+        mrc=result.mrc.cpu().numpy().astype(np.float32),
+        distances=result.distances.cpu().numpy().astype(np.float32),
+        boxes=result.boxes.cpu().numpy().astype(np.int32),
+        empty=result.empty.cpu().numpy().astype(bool),
+    )
+
+
 def make_score_fn(model: MRCModel) -> ScoreFn:
-    """The in-process engine: the model on a batch, results as proto-shaped dicts."""
+    """The in-process engine: the model callable on a batch, results as proto-shaped dicts."""
 
     def score(grids: np.ndarray, want_renders: bool) -> list[dict[str, Any]]:
-        result = model.score(grids, return_renders=want_renders)
-        out = []
-        for i in range(len(result)):
-            item = result.grid(i).to_dict()
-            if want_renders and result.renders is not None:
-                item["renders"] = [encode_png(r) for r in result.renders[i]]
-            out.append(item)
+        if not want_renders:  # exactly what Triton runs: MRCModel.__call__
+            return grid_results(model(grids), model.metric_id)
+        result = model.score(grids, return_renders=True)
+        out = grid_results(model_outputs(result), result.metric_id)
+        if result.renders is not None:
+            for item, renders in zip(out, result.renders, strict=True):
+                item["renders"] = [encode_png(r) for r in renders]
         return out
 
     return score
@@ -186,7 +226,7 @@ def _unpack_msgpack(body: bytes, settings: ServiceSettings) -> Any:
 def _unpack_json(body: bytes) -> Any:
     try:
         payload = json.loads(body)
-    except (ValueError, UnicodeDecodeError) as exc:
+    except (ValueError, UnicodeDecodeError, RecursionError) as exc:  # RecursionError: deeply nested JSON
         raise APIError(400, "bad_json", f"the body is not valid JSON: {exc}") from None
     if isinstance(payload, dict) and isinstance(payload.get("grids"), list):
         for i, entry in enumerate(payload["grids"]):
@@ -287,22 +327,33 @@ def create_app(
     *,
     model: MRCModel | None = None,
     score_fn: ScoreFn | None = None,
+    engine: AsyncEngine | None = None,
 ) -> FastAPI:
-    """The service app. ``model`` / ``score_fn`` may be injected (tests, other engines)."""
+    """The service app. ``model`` / ``score_fn`` may be injected (tests, other engines).
+
+    ``engine``: a remote engine that batches across requests itself (Triton,
+    :class:`~.triton_engine.TritonEngine`); each request's grids are forwarded
+    at once (:class:`~.batcher.PassThroughBatcher`) and ``/readyz`` asks the
+    engine. ``model`` is then used for metadata and input checks only.
+    """
     settings = settings or ServiceSettings()
-    state = ServiceState(settings, ServiceMetrics(settings.metric.device))
+    state = ServiceState(settings, ServiceMetrics(settings.metric.device), engine=engine)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         state.model = model or await run_in_threadpool(MRCModel, settings.metric)
         state.metrics.build.info({"version": __version__, "metric": state.model.metric_id, "engine": settings.engine})
-        state.batcher = DynamicBatcher(
-            score_fn or make_score_fn(state.model),
-            max_batch=settings.max_batch,
-            max_delay_s=settings.max_delay_ms / 1000.0,
-            max_queue=settings.max_queue,
-            metrics=state.metrics,
-        )
+        if engine is not None:
+            await engine.start()
+            state.batcher = PassThroughBatcher(engine, max_queue=settings.max_queue, metrics=state.metrics)
+        else:
+            state.batcher = DynamicBatcher(
+                score_fn or make_score_fn(state.model),
+                max_batch=settings.max_batch,
+                max_delay_s=settings.max_delay_ms / 1000.0,
+                max_queue=settings.max_queue,
+                metrics=state.metrics,
+            )
         await state.batcher.start()
         state.ready = True
         log.info("ready: %s", state.model.metric_id)
@@ -311,6 +362,8 @@ def create_app(
         finally:
             state.ready, state.draining = False, True
             await state.batcher.close(drain=True, timeout=settings.drain_timeout_s)
+            if engine is not None:
+                await engine.close()
             log.info("stopped")
 
     app = FastAPI(
@@ -356,7 +409,11 @@ def create_app(
                         request_id,
                         {"WWW-Authenticate": 'Bearer realm="mrc"'},
                     )
-            response = await call_next(request)
+            try:
+                response = await call_next(request)
+            except Exception as exc:  # answered here: the keep-alive connection survives
+                log.exception("unexpected error")
+                response = error_response(500, "internal", f"{type(exc).__name__}: {exc}", request_id)
             response.headers["X-Request-Id"] = request_id
             status_code = response.status_code
             return response
@@ -454,6 +511,10 @@ def create_app(
         if not ok:
             detail = "draining" if state.draining else "starting"
             return error_response(503, "not_ready", detail, request.state.request_id, {"Retry-After": "5"})
+        if state.engine is not None:
+            engine_ok, why = await state.engine.ready()
+            if not engine_ok:
+                return error_response(503, "engine_unavailable", why, request.state.request_id, {"Retry-After": "2"})
         return JSONResponse({"status": "ready", "metric": state.model.metric_id if state.model else ""})
 
     @app.get("/metrics", summary="Prometheus metrics", response_class=Response)
@@ -519,12 +580,22 @@ async def _score_request(request: Request, body: bytes, state: ServiceState) -> 
         raise APIError(413, "too_large", str(exc)) from None
     except InvalidInputError as exc:
         raise APIError(400, "invalid_image", str(exc)) from None
+    if parsed.return_renders and state.engine is not None and not state.engine.supports_renders:
+        raise APIError(
+            400,
+            "renders_unsupported",
+            f"return_renders is not available with engine {settings.engine!r}: scores only; "
+            "ask an inprocess gateway for re-renders (docs/triton.md)",
+        )
     valid = [(i, g) for i, g in enumerate(parsed.grids) if isinstance(g, np.ndarray)]
     try:
         grids = [g for _, g in valid]
         scored = await asyncio.wait_for(state.batcher.submit(grids, parsed.return_renders), settings.request_timeout_s)
     except QueueFullError as exc:
         raise APIError(503, "queue_full", str(exc), {"Retry-After": str(int(exc.retry_after))}) from None
+    except EngineUnavailableError as exc:
+        retry = str(max(1, round(exc.retry_after)))
+        raise APIError(503, "engine_unavailable", str(exc), {"Retry-After": retry}) from None
     except EngineClosedError as exc:
         raise APIError(503, "shutting_down", str(exc), {"Retry-After": "5"}) from None
     except TimeoutError:

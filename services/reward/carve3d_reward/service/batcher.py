@@ -8,6 +8,10 @@ different sizes never share a batch. A full queue is refused at once (the
 caller answers 503) instead of letting requests time out; a batch that raises
 is split in halves until the failing grid is isolated, so one bad grid (or an
 out-of-memory batch) fails only itself.
+
+Engines that batch across requests themselves (Triton) get a
+:class:`PassThroughBatcher` instead: each request's grids go straight to the
+engine, with the same queue limit, drain and failure isolation.
 """
 
 from __future__ import annotations
@@ -16,10 +20,10 @@ import asyncio
 import collections
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -29,6 +33,33 @@ log = logging.getLogger("carve3d_reward.service")
 
 #: ``(grids [B, H, W, 3] uint8, return_renders) -> one result dict per grid``.
 ScoreFn = Callable[[np.ndarray, bool], list[dict[str, Any]]]
+#: The same, as a coroutine (engines that wait on the network instead of computing).
+AsyncScoreFn = Callable[[np.ndarray, bool], Awaitable[list[dict[str, Any]]]]
+
+
+class AsyncEngine(Protocol):
+    """A remote engine that batches across requests itself (Triton): an :data:`AsyncScoreFn` plus a lifecycle."""
+
+    #: Whether ``return_renders`` can be honoured (the gateway answers 400 otherwise).
+    supports_renders: bool
+
+    async def __call__(self, grids: np.ndarray, want_renders: bool) -> list[dict[str, Any]]: ...
+
+    async def start(self) -> None: ...
+
+    async def close(self) -> None: ...
+
+    async def ready(self) -> tuple[bool, str]:
+        """``(True, "")`` when requests can be scored now, else ``(False, why)``."""
+        ...
+
+
+class EngineUnavailableError(Exception):
+    """The engine cannot be reached or is not ready; the whole request is answered 503 with Retry-After."""
+
+    def __init__(self, detail: str, retry_after: float = 2.0) -> None:
+        super().__init__(detail)
+        self.retry_after = retry_after
 
 
 class QueueFullError(Exception):
@@ -213,3 +244,105 @@ class DynamicBatcher:
     def _update_depth(self) -> None:
         if self.metrics is not None:
             self.metrics.queue_depth.set(len(self._items))
+
+
+class PassThroughBatcher:
+    """The :class:`DynamicBatcher` interface for an engine that batches across requests itself.
+
+    A request's grids are sent at once, one engine call per grid size (in
+    parallel); nothing waits to be gathered here. ``max_queue`` caps the grids
+    in flight (beyond it: :class:`QueueFullError`), a failing call is split in
+    halves down to the failing grid (:class:`ScoringError`), and
+    :class:`EngineUnavailableError` fails the whole request, to be answered 503.
+    """
+
+    def __init__(self, score_fn: AsyncScoreFn, *, max_queue: int, metrics: ServiceMetrics | None = None) -> None:
+        self._score_fn = score_fn
+        self.max_queue = max_queue
+        self.metrics = metrics
+        self._in_flight = 0
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self._started = False
+        self._closing = False
+        self._seconds_per_grid = 0.1
+
+    @property
+    def depth(self) -> int:
+        """Grids sent to the engine and not yet answered."""
+        return self._in_flight
+
+    @property
+    def running(self) -> bool:
+        return self._started and not self._closing
+
+    async def start(self) -> None:
+        self._started = True
+
+    async def submit(self, grids: list[np.ndarray], want_renders: bool = False) -> list[dict[str, Any] | ScoringError]:
+        if self._closing or not self._started:
+            raise EngineClosedError("the scoring engine is shutting down")
+        if self._in_flight + len(grids) > self.max_queue:
+            raise QueueFullError(self._in_flight, max(1.0, round(self._in_flight * self._seconds_per_grid)))
+        groups: dict[tuple[int, ...], list[int]] = {}
+        for i, g in enumerate(grids):
+            groups.setdefault(g.shape, []).append(i)
+        self._add(len(grids))
+        try:
+            scored = await asyncio.gather(
+                *(self._run(np.stack([grids[i] for i in idx]), want_renders) for idx in groups.values())
+            )
+        finally:
+            self._add(-len(grids))
+        results: list[dict[str, Any] | ScoringError] = [ScoringError("not scored")] * len(grids)
+        for idx, group in zip(groups.values(), scored, strict=True):
+            for i, res in zip(idx, group, strict=True):
+                if isinstance(res, dict) and not want_renders:
+                    res = {k: v for k, v in res.items() if k != "renders"}
+                results[i] = res
+        return results
+
+    async def close(self, drain: bool = True, timeout: float | None = None) -> None:
+        """Stop taking work; with ``drain``, wait (up to ``timeout``) for the calls in flight."""
+        self._closing = True
+        if drain:
+            try:
+                await asyncio.wait_for(self._idle.wait(), timeout)
+            except TimeoutError:
+                log.warning("%d grids still in flight after the drain timeout", self._in_flight)
+
+    async def _run(self, grids: np.ndarray, want_renders: bool) -> list[dict[str, Any] | ScoringError]:
+        start = time.perf_counter()
+        try:
+            results = await self._score_fn(grids, want_renders)
+            if len(results) != len(grids):
+                raise RuntimeError(f"the engine answered {len(results)} results for {len(grids)} grids")
+        except EngineUnavailableError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - isolate the failing grid, never lose the others
+            if self.metrics is not None:
+                self.metrics.batch_failures.inc()
+            if len(grids) == 1:
+                log.warning("scoring failed for one grid: %s", exc)
+                return [ScoringError(f"{type(exc).__name__}: {exc}")]
+            log.warning("a batch of %d failed (%s); retrying it in halves", len(grids), exc)
+            half = len(grids) // 2
+            first, second = await asyncio.gather(
+                self._run(grids[:half], want_renders), self._run(grids[half:], want_renders)
+            )
+            return [*first, *second]
+        elapsed = time.perf_counter() - start
+        self._seconds_per_grid = 0.8 * self._seconds_per_grid + 0.2 * elapsed / len(grids)
+        if self.metrics is not None:
+            self.metrics.compute_seconds.observe(elapsed)
+            self.metrics.batch_size.observe(len(grids))
+        return list(results)
+
+    def _add(self, n: int) -> None:
+        self._in_flight += n
+        if self._in_flight:
+            self._idle.clear()
+        else:
+            self._idle.set()
+        if self.metrics is not None:
+            self.metrics.queue_depth.set(self._in_flight)

@@ -37,5 +37,15 @@ class ServiceSettings(BaseSettings):
     max_grids: int = Field(256, ge=1, description="Most grids in one request.")
     idempotency_ttl_s: float = Field(600.0, ge=0, description="How long a request id's result is remembered.")
     idempotency_max: int = Field(4096, ge=0, description="Most request ids remembered.")
-    triton_url: str = Field("127.0.0.1:8001", description="Triton gRPC address (engine 'triton').")
+    triton_url: str | None = Field(
+        None,
+        description="Engine 'triton': gRPC host:port of a running Triton serving model 'mrc' (e.g. the stock "
+        "container with services/reward/triton/model_repository); unset: mrc serve starts Triton itself (PyTriton).",
+    )
+    triton_instances: int = Field(1, ge=1, le=64, description="Model instances in the Triton started by mrc serve.")
+    triton_http_port: int = Field(8000, ge=1, le=65535, description="HTTP port of the Triton started by mrc serve.")
+    triton_grpc_port: int = Field(8001, ge=1, le=65535, description="gRPC port of the Triton started by mrc serve.")
+    triton_metrics_port: int = Field(
+        8002, ge=1, le=65535, description="Prometheus port (nv_inference_*) of the Triton started by mrc serve."
+    )
     metric: MetricSettings = Field(default_factory=MetricSettings, description="The metric's settings.")
