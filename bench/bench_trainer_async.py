@@ -70,13 +70,26 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--epochs", type=int, default=2)
     parser.add_argument("--samples", type=int, default=16)
+    parser.add_argument(
+        "--reward-view-size",
+        type=int,
+        default=None,
+        help="score at this view size instead of the demo's 32 px (a slower reward, as with larger models)",
+    )
     args = parser.parse_args()
-    with tempfile.TemporaryDirectory() as tmp, serve_subprocess(*DEMO_SERVICE_ARGS) as (url, _):
+    service_args = list(DEMO_SERVICE_ARGS)
+    if args.reward_view_size:
+        service_args[service_args.index("--view-size") + 1] = str(args.reward_view_size)
+    with tempfile.TemporaryDirectory() as tmp, serve_subprocess(*service_args) as (url, _):
         rows = {
             "asynchronous": measure(url, Path(tmp) / "a", ServiceRewards, args.epochs, args.samples),
             "synchronous": measure(url, Path(tmp) / "s", SynchronousRewards, args.epochs, args.samples),
         }
-    print(f"reward waiting per epoch, demo setup ({args.samples} samples/epoch, {args.epochs} epochs, CPU)")
+    view = args.reward_view_size or 32
+    print(
+        f"reward waiting per epoch, demo setup ({args.samples} samples/epoch, {args.epochs} epochs, CPU, "
+        f"rewards scored at {view} px views)"
+    )
     print(f"{'scoring':<13} {'epoch s':>8} {'waiting s':>10} {'waiting share':>14}")
     for name, r in rows.items():
         print(f"{name:<13} {r['epoch_s']:>8.2f} {r['wait_s']:>10.2f} {100 * r['wait_fraction']:>13.1f}%")
