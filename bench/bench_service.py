@@ -32,11 +32,7 @@ import io
 import json
 import os
 import re
-import signal
-import socket
-import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
@@ -50,6 +46,7 @@ import torch
 from PIL import Image
 
 from carve3d_reward.model import MRCModel
+from carve3d_reward.service.launch import serve_subprocess
 from carve3d_reward.settings import MetricSettings
 from carve3d_reward.synthetic import make_grids
 
@@ -57,60 +54,18 @@ SCORED = ("ok", "empty_view")
 
 
 # -- the server --------------------------------------------------------------------------------------
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 @contextlib.contextmanager
 def mrc_server(*, view_size: int, max_batch: int, startup_timeout: float = 180.0) -> Iterator[tuple[str, dict]]:
     """``mrc serve`` on a free loopback port (settings through ``MRC_*``); yields its URL and /v1/info."""
-    port = _free_port()
-    env = {
-        **os.environ,
-        "MRC_HOST": "127.0.0.1",
-        "MRC_PORT": str(port),
-        "MRC_VIEW_SIZE": str(view_size),
-        "MRC_MAX_BATCH": str(max_batch),
-        "MRC_DEVICE": "cpu",
-    }
-    exe = Path(sys.executable).with_name("mrc")
-    launcher = [str(exe)] if exe.exists() else [sys.executable, "-m", "carve3d_reward.cli"]
-    cmd = [*launcher, "serve", "--log-level", "warning"]
-    with tempfile.TemporaryFile(mode="w+") as log:  # not a pipe: a chatty server can never block on it
-        proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, text=True)
-        try:
-            yield _wait_ready(f"http://127.0.0.1:{port}", proc, log, view_size, max_batch, startup_timeout)
-        finally:
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)
-                try:
-                    proc.wait(timeout=60)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
-                    proc.wait()
-
-
-def _wait_ready(
-    url: str, proc: subprocess.Popen, log: Any, view_size: int, max_batch: int, timeout: float
-) -> tuple[str, dict]:
-    deadline = time.monotonic() + timeout
-    while True:
-        if proc.poll() is not None:
-            log.seek(0)
-            raise RuntimeError(f"mrc serve exited with {proc.returncode}:\n{log.read()[-3000:]}")
-        with contextlib.suppress(httpx.HTTPError):
-            if httpx.get(url + "/readyz", timeout=2.0).status_code == 200:
-                break
-        if time.monotonic() > deadline:
-            raise RuntimeError(f"mrc serve did not become ready in {timeout:.0f} s")
-        time.sleep(0.2)
-    info = httpx.get(url + "/v1/info", timeout=10.0).json()
-    got_view, got_batch = info["settings"].get("view_size"), info["limits"].get("max_batch")
-    if got_view != view_size or got_batch != max_batch:
-        raise RuntimeError(f"server runs view_size={got_view}, max_batch={got_batch}; asked {view_size}, {max_batch}")
-    return url, info
+    env = {"MRC_VIEW_SIZE": str(view_size), "MRC_MAX_BATCH": str(max_batch), "MRC_DEVICE": "cpu"}
+    with serve_subprocess(env=env, startup_timeout=startup_timeout) as (url, _):
+        info = httpx.get(url + "/v1/info", timeout=10.0).json()
+        got_view, got_batch = info["settings"].get("view_size"), info["limits"].get("max_batch")
+        if got_view != view_size or got_batch != max_batch:
+            raise RuntimeError(
+                f"server runs view_size={got_view}, max_batch={got_batch}; asked {view_size}, {max_batch}"
+            )
+        yield url, info
 
 
 def server_batch_stats(url: str) -> dict[str, float]:

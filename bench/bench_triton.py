@@ -22,11 +22,7 @@ import contextlib
 import json
 import os
 import re
-import signal
-import socket
-import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -36,49 +32,21 @@ import httpx
 import msgpack
 import numpy as np
 
+from carve3d_reward.service.launch import free_port, serve_subprocess
 from carve3d_reward.synthetic import make_grids
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @contextlib.contextmanager
 def mrc_serve(engine: str, args: argparse.Namespace, timeout: float = 240.0) -> Iterator[tuple[str, str | None]]:
     """``mrc serve --engine ENGINE`` on free loopback ports; yields the gateway URL and Triton's metrics URL."""
-    port, metrics_port = free_port(), free_port()
-    cmd = [str(Path(sys.executable).with_name("mrc")), "serve", "--engine", engine, "--log-level", "warning"]
-    cmd += ["--port", str(port), "--max-batch", str(args.max_batch), "--max-delay-ms", str(args.max_delay_ms)]
-    cmd += ["--view-size", str(args.view_size), "--device", "cpu"]
+    metrics_port = free_port()
+    flags = ["--engine", engine, "--max-batch", str(args.max_batch), "--max-delay-ms", str(args.max_delay_ms)]
+    flags += ["--view-size", str(args.view_size), "--device", "cpu"]
     if engine == "triton":
-        cmd += ["--triton-http-port", str(free_port()), "--triton-grpc-port", str(free_port())]
-        cmd += ["--triton-metrics-port", str(metrics_port), "--triton-instances", str(args.triton_instances)]
-    url = f"http://127.0.0.1:{port}"
-    with tempfile.TemporaryFile(mode="w+") as log:  # a file, not a pipe: a chatty server never blocks on it
-        proc = subprocess.Popen(cmd, env=os.environ.copy(), stdout=log, stderr=subprocess.STDOUT, text=True)
-        try:
-            deadline = time.monotonic() + timeout
-            while True:
-                if proc.poll() is not None:
-                    log.seek(0)
-                    raise RuntimeError(f"mrc serve --engine {engine} exited:\n{log.read()[-3000:]}")
-                with contextlib.suppress(httpx.HTTPError):
-                    if httpx.get(url + "/readyz", timeout=2.0).status_code == 200:
-                        break
-                if time.monotonic() > deadline:
-                    raise RuntimeError(f"mrc serve --engine {engine} was not ready after {timeout:.0f} s")
-                time.sleep(0.2)
-            yield url, (f"http://127.0.0.1:{metrics_port}/metrics" if engine == "triton" else None)
-        finally:
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)
-                try:
-                    proc.wait(timeout=60)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
-                    proc.wait()
+        flags += ["--triton-http-port", str(free_port()), "--triton-grpc-port", str(free_port())]
+        flags += ["--triton-metrics-port", str(metrics_port), "--triton-instances", str(args.triton_instances)]
+    with serve_subprocess(*flags, startup_timeout=timeout) as (url, _):
+        yield url, (f"http://127.0.0.1:{metrics_port}/metrics" if engine == "triton" else None)
 
 
 def _sum(text: str, pattern: str) -> float:
