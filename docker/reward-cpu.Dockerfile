@@ -33,8 +33,6 @@ ENV PYTHONUNBUFFERED=1 \
 RUN python -m venv /opt/venv \
     && pip install --index-url "$TORCH_INDEX_URL" $TORCH
 
-# README.md stays out on purpose: services/reward/pyproject.toml names ../../README.md as its readme, and
-# setuptools refuses a readme outside the project folder when the file exists (it skips a missing one).
 COPY services/reward /opt/mrc/src/services/reward
 RUN pip install "/opt/mrc/src/services/reward${EXTRAS:+[$EXTRAS]}" && mrc --version
 

@@ -45,8 +45,6 @@ RUN apt-get update \
     && python3 -m venv /opt/venv \
     && pip install $TORCH
 
-# README.md stays out on purpose: services/reward/pyproject.toml names ../../README.md as its readme, and
-# setuptools refuses a readme outside the project folder when the file exists (it skips a missing one).
 COPY services/reward /opt/mrc/src/services/reward
 RUN pip install "/opt/mrc/src/services/reward${EXTRAS:+[$EXTRAS]}" && mrc --version
 

@@ -30,8 +30,6 @@ RUN apt-get update \
     && python3 -m venv /opt/venv \
     && pip install $TORCH
 
-# README.md stays out on purpose: services/reward/pyproject.toml names ../../README.md as its readme, and
-# setuptools refuses a readme outside the project folder when the file exists (it skips a missing one).
 COPY services /opt/mrc/src/services
 RUN pip install /opt/mrc/src/services/reward \
     && if [ -f /opt/mrc/src/services/trainer/pyproject.toml ]; then \
@@ -52,4 +50,4 @@ USER 10001:10001
 WORKDIR /home/trainer
 VOLUME ["/cache", "/out"]
 ENTRYPOINT ["/usr/local/bin/trainer-entrypoint"]
-CMD ["carve3d-train"]
+CMD ["carve3d-train", "train", "--run-dir", "/out/run", "--resume", "--no-progress"]

@@ -405,7 +405,7 @@ def test_gpu_overlay_takes_a_gpu() -> None:
 def test_triton_overlay_runs_tritonserver_next_to_the_gateway() -> None:
     cs = containers("triton")
     triton = cs["triton"]
-    assert triton["image"].startswith("nvcr.io/nvidia/tritonserver:") and triton["restartPolicy"] == "Always"
+    assert triton["image"].startswith("carve3d/mrc-triton:") and triton["restartPolicy"] == "Always"
     assert "--model-repository=/models" in triton["args"] and "--metrics-port=8002" in triton["args"]
     assert triton["resources"]["limits"]["nvidia.com/gpu"] == "1"
     assert TRITON_MODEL_REPOSITORY in " ".join(cs["copy-model-repository"]["args"])
@@ -424,7 +424,7 @@ def test_triton_overlay_runs_tritonserver_next_to_the_gateway() -> None:
     # Compose runs the same image with the same repository
     compose = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
     assert compose["services"]["triton"]["image"] == triton["image"]
-    assert any(v.startswith(f"./{TRITON_MODEL_REPOSITORY}:") for v in compose["services"]["triton"]["volumes"])
+    assert f"COPY {TRITON_MODEL_REPOSITORY} /models" in (ROOT / "docker" / "triton.Dockerfile").read_text()
 
 
 @pytest.mark.parametrize("variant", list(VARIANTS))
@@ -534,7 +534,7 @@ def test_prometheus_scrapes_the_service_and_triton() -> None:
     assert targets["mrc-reward"] == ["reward:8080"] and jobs["mrc-reward"]["metrics_path"] == "/metrics"
     assert targets["triton"] == ["triton:8002", "reward:8002"]
     services = compose()["services"]
-    assert "--metrics-port=8002" in services["triton"]["command"]
+    assert "--metrics-port=8002" in (ROOT / "docker" / "triton.Dockerfile").read_text()  # the image's CMD
     mount = next(v for v in services["prometheus"]["volumes"] if v.startswith("./deploy/prometheus/prometheus.yml:"))
     assert mount.split(":")[1] in services["prometheus"]["command"][0]
 
@@ -705,7 +705,7 @@ def test_trainer_dockerfile_installs_the_trainer_when_present() -> None:
     run = "\n".join(instructions("trainer", "RUN"))
     assert "if [ -f /opt/mrc/src/services/trainer/pyproject.toml ]" in run
     assert "pip install /opt/mrc/src/services/reward" in run
-    assert json.loads(instructions("trainer", "CMD")[-1]) == ["carve3d-train"]
+    assert json.loads(instructions("trainer", "CMD")[-1])[:2] == ["carve3d-train", "train"]
 
 
 def test_dockerignore_keeps_local_state_out() -> None:
@@ -895,3 +895,28 @@ def test_make_up_score_make_down_leaves_nothing_behind(tmp_path) -> None:
         for pid in pids:
             for member in _pgid_members(pid):
                 os.kill(member, signal.SIGKILL)
+
+
+def test_triton_image_carries_our_package_and_model_repository() -> None:
+    """The stock tritonserver image lacks torch and carve3d_reward: compose and k8s use our own on top of it."""
+    from dockerfile_parse import DockerfileParser
+
+    parsed = [i for i in DockerfileParser(path=str(ROOT / "docker" / "triton.Dockerfile")).structure]
+
+    def values(kind: str) -> list[str]:
+        return [i["value"] for i in parsed if i["instruction"] == kind]
+
+    base = values("FROM")[0]
+    assert base.startswith("nvcr.io/nvidia/tritonserver:") and re.search(r":\d{2}\.\d{2}-py3$", base)
+    args = dict(a.split("=", 1) for a in values("ARG"))
+    assert args["TORCH"].strip('"') == makefile_torch_pin()
+    run = "\n".join(values("RUN"))
+    assert "pip install /opt/mrc/src/services/reward" in run and "import carve3d_reward.model" in run
+    assert any("services/reward/triton/model_repository /models" in v for v in values("COPY"))
+    kinds = [i["instruction"] for i in parsed if i["instruction"] != "COMMENT"]
+    assert values("USER")[-1].split(":")[0] == "10001" and "RUN" not in kinds[kinds.index("USER") :]
+    assert "/v2/health/ready" in values("HEALTHCHECK")[0]
+    compose = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
+    assert compose["services"]["triton"]["build"]["dockerfile"] == "docker/triton.Dockerfile"
+    overlay = (ROOT / "k8s" / "overlays" / "triton" / "deployment.yaml").read_text()
+    assert "carve3d/mrc-triton:0.1.0" in overlay and "nvcr.io/nvidia/tritonserver" not in overlay

@@ -5,7 +5,8 @@
 #   LOCAL_DIR=out/local     pidfiles, logs and the example grid
 #   READY_TIMEOUT=300       seconds to wait for /readyz
 #   TRAINER=auto            auto: start carve3d-train if installed; on: required; off: never
-#   TRAINER_BIN=.venv/bin/carve3d-train   TRAINER_ARGS=""   (the trainer gets MRC_URL and MRC_AUTH_TOKEN)
+#   TRAINER_BIN=.venv/bin/carve3d-train   TRAINER_ARGS="train --run-dir out/local/train ..."
+#                           (the trainer gets MRC_URL and MRC_AUTH_TOKEN)
 #
 # Steps: start `mrc serve` on 127.0.0.1, wait for /readyz, score an example grid through POST /mrc,
 # check the /metrics scrape (Prometheus text format, every metric of the Grafana dashboard present),
@@ -19,7 +20,7 @@ URL="http://127.0.0.1:$PORT"
 READY_TIMEOUT="${READY_TIMEOUT:-300}"
 TRAINER="${TRAINER:-auto}"
 TRAINER_BIN="${TRAINER_BIN:-$BIN/carve3d-train}"
-TRAINER_ARGS="${TRAINER_ARGS:-}"
+TRAINER_ARGS="${TRAINER_ARGS:-train --run-dir $LOCAL_DIR/train --overwrite --epochs 3 --no-progress}"
 HELPER=("$BIN/python" "$ROOT/deploy/local/mrc_local.py")
 GRID="$LOCAL_DIR/grid.png"
 

@@ -9,6 +9,7 @@ finish in minutes on a laptop.
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Any, Literal
 
@@ -57,8 +58,14 @@ class RewardConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     mode: Literal["service", "in-process"] = Field("service", description="Score through the service or locally.")
-    url: str = Field("http://127.0.0.1:8080", description="Reward service URL (mode service).")
-    token: SecretStr | None = Field(None, description="Bearer token of the service.")
+    url: str = Field(
+        default_factory=lambda: os.environ.get("MRC_URL", "http://127.0.0.1:8080"),
+        description="Reward service URL (mode service); default $MRC_URL, else http://127.0.0.1:8080.",
+    )
+    token: SecretStr | None = Field(
+        default_factory=lambda: SecretStr(t) if (t := os.environ.get("MRC_AUTH_TOKEN")) else None,
+        description="Bearer token of the service; default $MRC_AUTH_TOKEN.",
+    )
     timeout_s: float = Field(120.0, gt=0.0, description="Per-attempt timeout.")
     deadline_s: float = Field(900.0, gt=0.0, description="Give up on a batch after this long (then the run stops).")
     retries: int = Field(10, ge=0)
