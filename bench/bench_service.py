@@ -46,7 +46,7 @@ import torch
 from PIL import Image
 
 from carve3d_reward.model import MRCModel
-from carve3d_reward.service.launch import serve_subprocess
+from carve3d_reward.service.launch import free_port, serve_subprocess
 from carve3d_reward.settings import MetricSettings
 from carve3d_reward.synthetic import make_grids
 
@@ -55,9 +55,14 @@ SCORED = ("ok", "empty_view")
 
 # -- the server --------------------------------------------------------------------------------------
 @contextlib.contextmanager
-def mrc_server(*, view_size: int, max_batch: int, startup_timeout: float = 180.0) -> Iterator[tuple[str, dict]]:
+def mrc_server(
+    *, view_size: int, max_batch: int, engine: str = "inprocess", startup_timeout: float = 180.0
+) -> Iterator[tuple[str, dict]]:
     """``mrc serve`` on a free loopback port (settings through ``MRC_*``); yields its URL and /v1/info."""
-    env = {"MRC_VIEW_SIZE": str(view_size), "MRC_MAX_BATCH": str(max_batch), "MRC_DEVICE": "cpu"}
+    env = {"MRC_VIEW_SIZE": str(view_size), "MRC_MAX_BATCH": str(max_batch), "MRC_DEVICE": "cpu", "MRC_ENGINE": engine}
+    if engine == "triton":  # mrc serve starts Triton (PyTriton) itself, on free ports
+        for name in ("HTTP", "GRPC", "METRICS"):
+            env[f"MRC_TRITON_{name}_PORT"] = str(free_port())
     with serve_subprocess(env=env, startup_timeout=startup_timeout) as (url, _):
         info = httpx.get(url + "/v1/info", timeout=10.0).json()
         got_view, got_batch = info["settings"].get("view_size"), info["limits"].get("max_batch")
@@ -280,6 +285,9 @@ def main() -> int:
     parser.add_argument("--load-concurrency", type=int, default=64)
     parser.add_argument("--load-timeout", type=float, default=900.0, help="no new load request after this (s)")
     parser.add_argument("--wire", choices=["msgpack", "png"], default="msgpack")
+    parser.add_argument(
+        "--engine", default="inprocess", help="engine(s) of part a: inprocess, triton or inprocess,triton"
+    )
     parser.add_argument("--json", type=Path, help="also write the results here")
     args = parser.parse_args()
     if args.quick:
@@ -306,32 +314,64 @@ def main() -> int:
             f"\n[a/c] {2 * vs}x{2 * vs} grids (view_size {vs}), max_batch {args.max_batch}, {len(bodies[0])} B/request"
         )
         http: dict[int, LoadResult] = {}
-        with mrc_server(view_size=vs, max_batch=args.max_batch) as (url, info):
-            print(f"  server: {info['metric']} (version {info['version']})")
-            warm_up(url, bodies, headers, args, args.max_batch)
-            print(HEADER)
-            for c in levels if parts & {"a", "c"} else []:
-                r = load(url, bodies, headers, args, requests=requests_for(c, args), concurrency=c,
-                         time_limit_s=args.level_timeout)  # fmt: skip
-                http[c] = r
-                print(_row(f"HTTP max_batch={args.max_batch}", r), flush=True)
-            if "b" in parts:
-                b16 = load(url, bodies, headers, args, requests=requests_for(16, args), concurrency=16,
-                           time_limit_s=args.level_timeout)  # fmt: skip
-            stats = server_batch_stats(url)
-            print(f"  server: {stats['batches']:.0f} batches, mean batch {stats['mean_batch']:.1f} grids")
+        engines = args.engine.split(",")
+        by_engine: dict[str, dict[int, LoadResult]] = {}
+        for engine in engines:
+            results: dict[int, LoadResult] = {}
+            with mrc_server(view_size=vs, max_batch=args.max_batch, engine=engine) as (url, info):
+                print(f"  server ({engine} engine): {info['metric']} (version {info['version']})")
+                warm_up(url, bodies, headers, args, args.max_batch)
+                print(HEADER)
+                for c in levels if parts & {"a", "c"} else []:
+                    r = load(
+                        url,
+                        bodies,
+                        headers,
+                        args,
+                        requests=requests_for(c, args),
+                        concurrency=c,
+                        time_limit_s=args.level_timeout,
+                    )
+                    results[c] = r
+                    print(_row(f"HTTP {engine} max_batch={args.max_batch}", r), flush=True)
+                if "b" in parts and engine == engines[0]:
+                    b16 = load(
+                        url,
+                        bodies,
+                        headers,
+                        args,
+                        requests=requests_for(16, args),
+                        concurrency=16,
+                        time_limit_s=args.level_timeout,
+                    )
+                stats = server_batch_stats(url)
+                print(f"  server: {stats['batches']:.0f} batches, mean batch {stats['mean_batch']:.1f} grids")
+            by_engine[engine] = results
+            failed |= any(r.status_5xx or r.lost or r.bad_200 for r in results.values())
+        http = by_engine[engines[0]]
         if parts & {"a", "c"}:
             inproc = inprocess_grids_per_s(pool, vs, args.max_batch, args.inprocess_repeats, args.level_timeout)
             print(f"  in-process MRCModel.score, batches of {args.max_batch}: {inproc:.2f} grids/s")
-            for c, r in http.items():
-                print(f"  HTTP/in-process at concurrency {c:>3}: {r.grids_per_s / inproc:.2f}")
-            report["a"] = {"inprocess_grids_per_s": inproc, "http": {c: r.summary() for c, r in http.items()}}
+            for engine, results in by_engine.items():
+                for c, r in results.items():
+                    print(f"  HTTP ({engine})/in-process at concurrency {c:>3}: {r.grids_per_s / inproc:.2f}")
+            report["a"] = {
+                "inprocess_grids_per_s": inproc,
+                "http": {e: {c: r.summary() for c, r in res.items()} for e, res in by_engine.items()},
+            }
             failed |= any(r.status_5xx or r.lost or r.bad_200 for r in http.values())
         if "b" in parts:
             with mrc_server(view_size=vs, max_batch=1) as (url, _):
                 warm_up(url, bodies, headers, args, 2)
-                b1 = load(url, bodies, headers, args, requests=requests_for(16, args), concurrency=16,
-                          time_limit_s=args.level_timeout)  # fmt: skip
+                b1 = load(
+                    url,
+                    bodies,
+                    headers,
+                    args,
+                    requests=requests_for(16, args),
+                    concurrency=16,
+                    time_limit_s=args.level_timeout,
+                )
             print(f"\n[b] batching gain at concurrency 16 (same load, two servers)\n{HEADER}")
             print(_row(f"max_batch={args.max_batch}", b16))
             print(_row("max_batch=1", b1))
@@ -356,9 +396,11 @@ def main() -> int:
             f"5xx {r.status_5xx}, other {r.other_status}, connection errors {r.connection_errors}, "
             f"timeouts {r.timeouts}, lost {r.lost}"
         )
-        print(f"  {r.seconds:.1f} s; server: {stats['batches']:.0f} batches, mean batch {stats['mean_batch']:.1f}, "
-              f"server-side 5xx {stats['server_5xx']:.0f}, batch failures {stats['batch_failures']:.0f}, "
-              f"/readyz after: {ready}")  # fmt: skip
+        print(
+            f"  {r.seconds:.1f} s; server: {stats['batches']:.0f} batches, mean batch {stats['mean_batch']:.1f}, "
+            f"server-side 5xx {stats['server_5xx']:.0f}, batch failures {stats['batch_failures']:.0f}, "
+            f"/readyz after: {ready}"
+        )
         if r.errors:
             print(f"  errors: {r.errors}")
         print(HEADER)
