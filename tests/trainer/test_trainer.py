@@ -173,6 +173,10 @@ def test_config_errors_are_clear(tmp_path) -> None:
         load_config(None, {"algorithm.beta": -1})
     with pytest.raises(ConfigError, match="no built-in prompt set"):
         make_trainer(tmp_path, train_prompts="builtin:nope")
+    from carve3d_trainer.trainer import build_policy
+
+    with pytest.raises(ConfigError, match="mixed_precision"):
+        build_policy(load_config(None, {"policy.mixed_precision": "bf16"}))
     bad = tmp_path / "bad.json"
     bad.write_text("{nope")
     with pytest.raises(ConfigError, match="not valid JSON"):

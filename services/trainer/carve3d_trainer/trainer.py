@@ -65,6 +65,10 @@ def build_policy(config: TrainConfig) -> DiffusionPolicy:
     p = config.policy
     sampling = SamplingConfig(num_steps=p.num_steps, guidance_scale=p.guidance_scale, eta=p.eta)
     if p.kind == "tiny":
+        if p.mixed_precision != "no":
+            from carve3d_reward.errors import ConfigError
+
+            raise ConfigError("policy.mixed_precision applies to sd/sdxl; the tiny CPU model runs in fp32")
         from pathlib import Path
 
         from .policies.tiny import TinyConfig, TinyGridPolicy
