@@ -38,7 +38,7 @@ from carve3d_reward.errors import InvalidInputError
 from carve3d_reward.grid import check_grid_size, decode_image
 from carve3d_reward.layouts import INSTANT3D_2X2
 from carve3d_reward.model import MRCModel
-from carve3d_reward.service.app import create_app
+from carve3d_reward.service.app import create_app, to_jsonable
 from carve3d_reward.service.settings import ServiceSettings
 from carve3d_reward.settings import MetricSettings
 from carve3d_reward.synthetic import make_grids
@@ -350,7 +350,7 @@ def build_corpus(grids: np.ndarray, seed: int = SEED) -> list[Case]:
     }
     for name, obj in structures.items():
         add("msgpack_structure", f"msgpack_{name}", _pack(obj), "application/msgpack")
-        add("json_structure", f"json_{name}", json.dumps(_jsonable(obj)).encode(), "application/json")
+        add("json_structure", f"json_{name}", json.dumps(to_jsonable(obj)).encode(), "application/json")
     add(
         "json_structure",
         "json_grids_257",
@@ -359,7 +359,7 @@ def build_corpus(grids: np.ndarray, seed: int = SEED) -> list[Case]:
     )
 
     # bad JSON text and bad base64
-    valid_json = json.dumps(_jsonable({"grids": [{"image": png}]})).encode()
+    valid_json = json.dumps(to_jsonable({"grids": [{"image": png}]})).encode()
     bad_json = {
         "truncated_1": valid_json[:1],
         "truncated_half": valid_json[: len(valid_json) // 2],
@@ -498,7 +498,7 @@ def build_corpus(grids: np.ndarray, seed: int = SEED) -> list[Case]:
         )
     for i in range(4):
         picks = rng.sample(corrupt, rng.randint(1, 3))
-        body = json.dumps(_jsonable({"grids": [{"image": b} for b in picks]})).encode()
+        body = json.dumps(to_jsonable({"grids": [{"image": b} for b in picks]})).encode()
         add(
             "grids_invalid",
             f"json_images_{i}",
@@ -568,16 +568,6 @@ def build_corpus(grids: np.ndarray, seed: int = SEED) -> list[Case]:
     order = list(range(len(cases)))
     rng.shuffle(order)  # interleave the categories so that slow and fast requests overlap
     return [cases[i] for i in order]
-
-
-def _jsonable(obj: Any) -> Any:
-    if isinstance(obj, bytes):
-        return base64.b64encode(obj).decode()
-    if isinstance(obj, dict):
-        return {k: _jsonable(v) for k, v in obj.items()}
-    if isinstance(obj, list):
-        return [_jsonable(v) for v in obj]
-    return obj
 
 
 # -- sending and checking --------------------------------------------------------------------------

@@ -294,13 +294,13 @@ async def read_body(request: Request, limit: int) -> bytes:
 
 
 # -- encoding --------------------------------------------------------------------------------------
-def _jsonable(obj: Any) -> Any:
+def to_jsonable(obj: Any) -> Any:
     if isinstance(obj, bytes | bytearray):
         return base64.b64encode(obj).decode()
     if isinstance(obj, dict):
-        return {k: _jsonable(v) for k, v in obj.items()}
+        return {k: to_jsonable(v) for k, v in obj.items()}
     if isinstance(obj, list):
-        return [_jsonable(v) for v in obj]
+        return [to_jsonable(v) for v in obj]
     return obj
 
 
@@ -617,12 +617,12 @@ async def _score_request(request: Request, body: bytes, state: ServiceState) -> 
 def _respond(reply: tuple[ParsedRequest, list[dict[str, Any]]], request_id: str) -> Response:
     parsed, results = reply
     if parsed.kind == "image":
-        return JSONResponse(_jsonable(results[0]))
+        return JSONResponse(to_jsonable(results[0]))
     metric = next((r["metric"] for r in results if r.get("metric")), "")
     payload = {"results": results, "request_id": request_id, "metric": metric}
     if parsed.reply_msgpack:
         return Response(msgpack.packb(payload, use_bin_type=True), media_type="application/msgpack")
-    return JSONResponse(_jsonable(payload))
+    return JSONResponse(to_jsonable(payload))
 
 
 def _lookup(state: ServiceState, key: str) -> asyncio.Future[Any] | None:
