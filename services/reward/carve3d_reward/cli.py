@@ -332,7 +332,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 # -- entry point -------------------------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="mrc", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="mrc", description=__doc__.split("\n")[0].replace("``", ""))
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 

@@ -87,7 +87,7 @@ def cmd_prompts(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="carve3d-train", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="carve3d-train", description=__doc__.split("\n")[0].replace("``", ""))
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
