@@ -86,6 +86,37 @@ def cmd_prompts(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_sft(args: argparse.Namespace) -> int:
+    import torch
+
+    from .policies.tiny import TinyConfig, TinyGridPolicy
+    from .prompts import load_prompts
+    from .sft import plot_losses, train_sft
+
+    if args.steps < 1 or args.batch_size < 1:
+        raise ConfigError(f"--steps and --batch-size must be >= 1, got {args.steps} and {args.batch_size}")
+    if args.image_size < 16 or args.image_size % 8:
+        raise ConfigError(f"--image-size must be a multiple of 8 and >= 16, got {args.image_size}")
+    source = load_prompts(args.prompts) if args.prompts else None
+    torch.manual_seed(args.seed)  # the initial weights
+    policy = TinyGridPolicy(TinyConfig(image_size=args.image_size))
+    losses = train_sft(
+        policy,
+        steps=args.steps,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        seed=args.seed,
+        prompts=source,
+        checkpoint_dir=args.out,
+        checkpoint_every=args.checkpoint_every,
+        progress=not args.no_progress,
+    )
+    plot_losses(losses, args.out / "loss.png")
+    tail = losses[-max(1, len(losses) // 10) :]
+    print(f"sft: {len(losses)} steps, final loss {sum(tail) / len(tail):.4f}; weights in {args.out}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="carve3d-train", description=__doc__.split("\n")[0].replace("``", ""))
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
@@ -111,6 +142,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--policy-path", help="start from these tiny-model weights instead of a random model")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("sft", help="train the tiny CPU model from scratch on procedural prompt -> grid data")
+    p.add_argument("--out", type=Path, required=True, help="writes config.json, model.safetensors, loss.png")
+    p.add_argument("--steps", type=int, default=2000)
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--image-size", type=int, default=64, help="the grid's side in pixels (2x2 views)")
+    p.add_argument("--lr", type=float, default=5e-4)
+    p.add_argument("--prompts", help="mix in this prompt set (e.g. builtin:shapes-train); default: grammar only")
+    p.add_argument("--checkpoint-every", type=int, default=500, help="save the weights every N steps (0: at the end)")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=cmd_sft)
 
     p = sub.add_parser("prompts", help="list the shipped prompt sets, or print one")
     p.add_argument("name", nargs="?", help="e.g. builtin:shapes-train or a file")
