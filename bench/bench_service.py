@@ -313,7 +313,6 @@ def main() -> int:
         print(
             f"\n[a/c] {2 * vs}x{2 * vs} grids (view_size {vs}), max_batch {args.max_batch}, {len(bodies[0])} B/request"
         )
-        http: dict[int, LoadResult] = {}
         engines = args.engine.split(",")
         by_engine: dict[str, dict[int, LoadResult]] = {}
         for engine in engines:
@@ -348,7 +347,6 @@ def main() -> int:
                 print(f"  server: {stats['batches']:.0f} batches, mean batch {stats['mean_batch']:.1f} grids")
             by_engine[engine] = results
             failed |= any(r.status_5xx or r.lost or r.bad_200 for r in results.values())
-        http = by_engine[engines[0]]
         if parts & {"a", "c"}:
             inproc = inprocess_grids_per_s(pool, vs, args.max_batch, args.inprocess_repeats, args.level_timeout)
             print(f"  in-process MRCModel.score, batches of {args.max_batch}: {inproc:.2f} grids/s")
@@ -359,7 +357,6 @@ def main() -> int:
                 "inprocess_grids_per_s": inproc,
                 "http": {e: {c: r.summary() for c, r in res.items()} for e, res in by_engine.items()},
             }
-            failed |= any(r.status_5xx or r.lost or r.bad_200 for r in http.values())
         if "b" in parts:
             with mrc_server(view_size=vs, max_batch=1) as (url, _):
                 warm_up(url, bodies, headers, args, 2)
