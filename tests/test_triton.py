@@ -31,8 +31,8 @@ from tritonclient.grpc import model_config_pb2
 
 from carve3d_reward.grid import join_grid, to_uint8_image
 from carve3d_reward.layouts import INSTANT3D_2X2
-from carve3d_reward.model import OUTPUTS, MRCModel
-from carve3d_reward.service.app import create_app, grid_results, make_score_fn, model_outputs
+from carve3d_reward.model import OUTPUTS, ModelOutputs, MRCModel
+from carve3d_reward.service.app import create_app, make_score_fn
 from carve3d_reward.service.batcher import EngineUnavailableError
 from carve3d_reward.service.settings import ServiceSettings
 from carve3d_reward.service.triton_engine import TritonEngine
@@ -179,10 +179,10 @@ def test_in_process_results_are_built_from_the_model_callable(model, grids) -> N
     grids = grids[:2]
     outputs = model(grids)
     plain = make_score_fn(model)(grids, False)
-    assert plain == grid_results(outputs, model.metric_id)
+    assert plain == outputs.grid_results(model.metric_id)
     result = model.score(grids, return_renders=True)
     for name in OUTPUTS:  # the renders path converts like MRCModel.__call__
-        np.testing.assert_array_equal(getattr(model_outputs(result), name), getattr(outputs, name))
+        np.testing.assert_array_equal(getattr(ModelOutputs.from_result(result), name), getattr(outputs, name))
     assert plain == [g.to_dict() for g in result.grids()]  # and like the library's own GridScore
     with_renders = make_score_fn(model)(grids, True)
     assert all(len(r.pop("renders")) == 4 for r in with_renders)

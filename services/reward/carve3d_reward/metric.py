@@ -61,6 +61,18 @@ class GridScore:
         }
 
 
+def grid_score(
+    mrc: float, distances: list[float], boxes: list[list[int]], empty: list[bool], metric_id: str
+) -> GridScore:
+    """One grid's score from plain values: the only place a ``GridScore`` and its status are made."""
+    views = [
+        ViewScore(float(d), (int(b[0]), int(b[1]), int(b[2]), int(b[3])), bool(e))
+        for d, b, e in zip(distances, boxes, empty, strict=True)
+    ]
+    status = STATUS_EMPTY_VIEW if any(empty) else STATUS_OK
+    return GridScore(mrc=float(mrc), reward=-float(mrc), status=status, views=views, metric=metric_id)
+
+
 @dataclass
 class MRCResult:
     """Batched result: tensors with the batch as the first dimension."""
@@ -86,16 +98,14 @@ class MRCResult:
         return int(self.mrc.shape[0])
 
     def status(self, i: int) -> str:
-        return STATUS_OK if bool(self.valid[i]) else STATUS_EMPTY_VIEW
+        return self.grid(i).status
 
     def grid(self, i: int) -> GridScore:
         """The ``i``-th grid's score as a plain object."""
-        views = [
-            ViewScore(float(d), tuple(int(x) for x in box), bool(e))  # type: ignore[arg-type]
-            for d, box, e in zip(self.distances[i].tolist(), self.boxes[i], self.empty[i].tolist(), strict=True)
-        ]
-        mrc = float(self.mrc[i])
-        return GridScore(mrc=mrc, reward=-mrc, status=self.status(i), views=views, metric=self.metric_id)
+        return grid_score(
+            float(self.mrc[i]), self.distances[i].tolist(), self.boxes[i].tolist(), self.empty[i].tolist(),
+            self.metric_id,
+        )  # fmt: skip
 
     def grids(self) -> list[GridScore]:
         return [self.grid(i) for i in range(len(self))]

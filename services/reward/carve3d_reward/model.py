@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import io
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
 from PIL import Image
 
 from .grid import to_grid_tensor, to_uint8_image
-from .metric import MRC, MRCResult
+from .metric import MRC, MRCResult, grid_score
 from .settings import MetricSettings
 
 #: Output tensor names (also the Triton model's outputs; see docs/api.md).
@@ -34,6 +35,25 @@ class ModelOutputs:
     def as_dict(self) -> dict[str, np.ndarray]:
         return {name: getattr(self, name) for name in OUTPUTS}
 
+    @staticmethod
+    def from_result(result: MRCResult) -> ModelOutputs:
+        """A library result as the model callable's outputs."""
+        return ModelOutputs(
+            mrc=result.mrc.cpu().numpy().astype(np.float32),
+            distances=result.distances.cpu().numpy().astype(np.float32),
+            boxes=result.boxes.cpu().numpy().astype(np.int32),
+            empty=result.empty.cpu().numpy().astype(bool),
+        )
+
+    def grid_results(self, metric_id: str) -> list[dict[str, Any]]:
+        """One proto-shaped ``GridScore`` dict per grid: what every engine answers."""
+        return [
+            grid_score(float(m), d, b, e, metric_id).to_dict()
+            for m, d, b, e in zip(
+                self.mrc.tolist(), self.distances.tolist(), self.boxes.tolist(), self.empty.tolist(), strict=True
+            )
+        ]
+
 
 class MRCModel:
     """The MRC metric behind a numpy interface (thread-compatible: call from one worker at a time)."""
@@ -51,13 +71,7 @@ class MRCModel:
         return self.metric(to_grid_tensor(grids), return_renders=return_renders)
 
     def __call__(self, grids: np.ndarray) -> ModelOutputs:
-        result = self.score(grids)
-        return ModelOutputs(
-            mrc=result.mrc.numpy().astype(np.float32),
-            distances=result.distances.numpy().astype(np.float32),
-            boxes=result.boxes.numpy().astype(np.int32),
-            empty=result.empty.numpy().astype(bool),
-        )
+        return ModelOutputs.from_result(self.score(grids))
 
 
 def encode_png(image: torch.Tensor) -> bytes:

@@ -35,7 +35,6 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from .. import __version__
 from ..errors import InvalidInputError
 from ..grid import TooManyPixelsError, check_grid_size, decode_image
-from ..metric import STATUS_EMPTY_VIEW, STATUS_OK, GridScore, MRCResult, ViewScore
 from ..model import ModelOutputs, MRCModel, encode_png
 from .batcher import (
     AsyncEngine,
@@ -78,44 +77,14 @@ class ServiceState:
     responses: OrderedDict[str, tuple[float, asyncio.Future[Any]]] = field(default_factory=OrderedDict)
 
 
-def grid_results(outputs: ModelOutputs, metric_id: str) -> list[dict[str, Any]]:
-    """Model outputs -> one proto-shaped ``GridScore`` dict per grid.
-
-    The only place results are built, for every engine (in-process, Triton), so
-    the engines cannot drift apart in what they answer.
-    """
-    results = []
-    for i in range(len(outputs.mrc)):
-        views = [
-            ViewScore(float(d), (int(b[0]), int(b[1]), int(b[2]), int(b[3])), bool(e))
-            for d, b, e in zip(
-                outputs.distances[i].tolist(), outputs.boxes[i].tolist(), outputs.empty[i].tolist(), strict=True
-            )
-        ]
-        mrc = float(outputs.mrc[i])
-        status = STATUS_EMPTY_VIEW if bool(np.any(outputs.empty[i])) else STATUS_OK
-        results.append(GridScore(mrc=mrc, reward=-mrc, status=status, views=views, metric=metric_id).to_dict())
-    return results
-
-
-def model_outputs(result: MRCResult) -> ModelOutputs:
-    """A library result as the model callable's outputs (what ``MRCModel.__call__`` returns)."""
-    return ModelOutputs(
-        mrc=result.mrc.cpu().numpy().astype(np.float32),
-        distances=result.distances.cpu().numpy().astype(np.float32),
-        boxes=result.boxes.cpu().numpy().astype(np.int32),
-        empty=result.empty.cpu().numpy().astype(bool),
-    )
-
-
 def make_score_fn(model: MRCModel) -> ScoreFn:
     """The in-process engine: the model callable on a batch, results as proto-shaped dicts."""
 
     def score(grids: np.ndarray, want_renders: bool) -> list[dict[str, Any]]:
         if not want_renders:  # exactly what Triton runs: MRCModel.__call__
-            return grid_results(model(grids), model.metric_id)
+            return model(grids).grid_results(model.metric_id)
         result = model.score(grids, return_renders=True)
-        out = grid_results(model_outputs(result), result.metric_id)
+        out = ModelOutputs.from_result(result).grid_results(result.metric_id)
         if result.renders is not None:
             for item, renders in zip(out, result.renders, strict=True):
                 item["renders"] = [encode_png(r) for r in renders]

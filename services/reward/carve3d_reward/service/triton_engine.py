@@ -5,7 +5,7 @@ model=..., engine=TritonEngine(...))`` serves it behind a
 :class:`~.batcher.PassThroughBatcher`, so the gateway adds no batching delay of
 its own: Triton's dynamic batcher gathers grids across requests (and across
 gateways). Replies are turned into the proto-shaped dicts of the in-process
-engine by the same function (:func:`~.app.grid_results`).
+engine by the same function (:meth:`~carve3d_reward.model.ModelOutputs.grid_results`).
 
 Failure handling:
 
@@ -28,7 +28,6 @@ from typing import Any
 import numpy as np
 
 from ..triton.tensors import INPUT, MODEL_NAME, OUTPUT_SPECS, outputs_from_tensors
-from .app import grid_results
 from .batcher import EngineUnavailableError
 
 log = logging.getLogger("carve3d_reward.service")
@@ -137,7 +136,7 @@ class TritonEngine:
             await self._reset(client)
             raise EngineUnavailableError(f"triton at {self.url} is unreachable: {exc}", self.retry_after_s) from None
         tensors = {spec.name: reply.as_numpy(spec.name) for spec in OUTPUT_SPECS}
-        return grid_results(outputs_from_tensors(tensors), self.metric_id)
+        return outputs_from_tensors(tensors).grid_results(self.metric_id)
 
     def _get_client(self) -> Any:
         if self._client is None:
