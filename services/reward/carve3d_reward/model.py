@@ -73,6 +73,20 @@ class MRCModel:
     def __call__(self, grids: np.ndarray) -> ModelOutputs:
         return ModelOutputs.from_result(self.score(grids))
 
+    def score_dicts(self, grids: np.ndarray | torch.Tensor, *, return_renders: bool = False) -> list[dict[str, Any]]:
+        """Proto-shaped ``GridScore`` dicts, with each view's re-render as PNG when asked.
+
+        Without renders this is exactly what Triton runs (:meth:`__call__`).
+        """
+        if not return_renders:
+            return self(grids).grid_results(self.metric_id)
+        result = self.score(grids, return_renders=True)
+        out = ModelOutputs.from_result(result).grid_results(result.metric_id)
+        if result.renders is not None:
+            for item, renders in zip(out, result.renders, strict=True):
+                item["renders"] = [encode_png(r) for r in renders]
+        return out
+
 
 def encode_png(image: torch.Tensor) -> bytes:
     """``[3, H, W]`` in [0, 1] -> PNG bytes."""

@@ -107,16 +107,7 @@ class InProcessRewards(RewardBackend):
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="reward")
 
     def _score(self, grids: Tensor, renders: bool) -> list[ScoreResult]:
-        from carve3d_reward.model import encode_png
-
-        result = self.model.score(grids, return_renders=renders)
-        out = []
-        for i, g in enumerate(result.grids()):
-            wire = g.to_dict()
-            if renders and result.renders is not None:
-                wire["renders"] = [encode_png(v) for v in result.renders[i]]
-            out.append(ScoreResult.from_wire(wire))
-        return out
+        return [ScoreResult.from_wire(g) for g in self.model.score_dicts(grids, return_renders=renders)]
 
     def submit(self, images: Tensor, request_id: str, *, renders: bool = False) -> Future[list[ScoreResult]]:
         return self._executor.submit(self._score, to_uint8_grids(images), renders)

@@ -35,7 +35,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from .. import __version__
 from ..errors import InvalidInputError
 from ..grid import TooManyPixelsError, check_grid_size, decode_image
-from ..model import ModelOutputs, MRCModel, encode_png
+from ..model import MRCModel
 from .batcher import (
     AsyncEngine,
     DynamicBatcher,
@@ -81,14 +81,7 @@ def make_score_fn(model: MRCModel) -> ScoreFn:
     """The in-process engine: the model callable on a batch, results as proto-shaped dicts."""
 
     def score(grids: np.ndarray, want_renders: bool) -> list[dict[str, Any]]:
-        if not want_renders:  # exactly what Triton runs: MRCModel.__call__
-            return model(grids).grid_results(model.metric_id)
-        result = model.score(grids, return_renders=True)
-        out = ModelOutputs.from_result(result).grid_results(result.metric_id)
-        if result.renders is not None:
-            for item, renders in zip(out, result.renders, strict=True):
-                item["renders"] = [encode_png(r) for r in renders]
-        return out
+        return model.score_dicts(grids, return_renders=want_renders)
 
     return score
 
