@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import socket
 import subprocess
 import tempfile
 import threading
@@ -19,23 +20,32 @@ __all__ = ["free_port", "serve_app", "serve_process"]
 
 
 @contextlib.contextmanager
-def serve_app(app, *, startup_timeout: float = 60.0) -> Iterator[str]:
-    """Serve ``app`` with uvicorn in a background thread; yields its base URL."""
-    port = free_port()
-    config = uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="on")
+def serve_app(app, *, port: int = 0, force_exit: bool = False, startup_timeout: float = 60.0) -> Iterator[str]:
+    """Serve ``app`` with uvicorn on ``127.0.0.1`` in a background thread; yields its base URL.
+
+    The socket is bound before uvicorn starts (no port race; ``port`` may be a port just freed, for
+    restart tests). ``force_exit`` ends without waiting for handlers still running at the end.
+    """
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind(("127.0.0.1", port))
+    port = sock.getsockname()[1]
+    config = uvicorn.Config(app, log_level="warning", access_log=False, lifespan="on")
     server = uvicorn.Server(config)
-    thread = threading.Thread(target=server.run, daemon=True)
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True, name=f"uvicorn-{port}")
     thread.start()
-    deadline = time.monotonic() + startup_timeout
-    while not server.started:
-        if not thread.is_alive() or time.monotonic() > deadline:
-            raise RuntimeError("the test server did not start")
-        time.sleep(0.02)
     try:
+        deadline = time.monotonic() + startup_timeout
+        while not server.started:
+            if not thread.is_alive() or time.monotonic() > deadline:
+                raise RuntimeError("the test server did not start")
+            time.sleep(0.005)
         yield f"http://127.0.0.1:{port}"
     finally:
         server.should_exit = True
+        server.force_exit = force_exit
         thread.join(timeout=30)
+        sock.close()
 
 
 @contextlib.contextmanager

@@ -24,7 +24,6 @@ import msgpack
 import numpy as np
 import pytest
 import torch
-import uvicorn
 from PIL import Image
 from starlette.applications import Starlette
 from starlette.requests import Request
@@ -47,44 +46,17 @@ from carve3d_reward.client import (
 )
 from carve3d_reward.errors import ConfigError, InvalidInputError, MRCError
 
+from .serving import free_port, serve_app
+
 FAST = {"backoff": 0.01, "max_backoff": 0.02}  # quick retries for tests
 
 
 # -- serving an ASGI app on loopback ----------------------------------------------------------------------
-def _bound_socket(port: int = 0) -> socket.socket:
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind(("127.0.0.1", port))
-    return sock
-
-
-def free_port() -> int:
-    """A port nothing listens on (right now)."""
-    with _bound_socket() as sock:
-        return sock.getsockname()[1]
-
-
 @contextlib.contextmanager
 def serve(app: Any, *, port: int = 0) -> Iterator[str]:
-    """Serve an ASGI app with uvicorn on ``127.0.0.1`` in a background thread; yield its base URL."""
-    sock = _bound_socket(port)
-    port = sock.getsockname()[1]
-    config = uvicorn.Config(app, lifespan="off", log_config=None, log_level="warning", access_log=False)
-    server = uvicorn.Server(config)
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True, name=f"uvicorn-{port}")
-    thread.start()
-    try:
-        t0 = time.monotonic()
-        while not server.started:
-            if not thread.is_alive() or time.monotonic() - t0 > 10:
-                raise RuntimeError("the test server did not start")
-            time.sleep(0.005)
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.should_exit = True
-        server.force_exit = True  # do not wait for handlers still sleeping after a client timeout
-        thread.join(timeout=5)
-        sock.close()
+    """The fake service on loopback; handlers still sleeping after a client timeout are not waited for."""
+    with serve_app(app, port=port, force_exit=True) as url:
+        yield url
 
 
 # -- the fake MRC service ------------------------------------------------------------------------------
@@ -443,7 +415,8 @@ def test_retry_on_connection_refused_until_the_server_is_up(caplog):
 @contextlib.contextmanager
 def disconnecting_server(drops: int) -> Iterator[tuple[str, list[str]]]:
     """A raw HTTP server: reads each request, hangs up without answering ``drops`` times, then scores."""
-    listener = _bound_socket()
+    listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    listener.bind(("127.0.0.1", 0))
     listener.listen(8)
     listener.settimeout(10)
     seen_ids: list[str] = []
