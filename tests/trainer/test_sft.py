@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import random
 from pathlib import Path
 
@@ -127,8 +128,11 @@ def test_cli_writes_weights_and_a_loss_curve(tmp_path: Path, capsys) -> None:
     args = ["sft", "--out", str(out), "--steps", "2", "--batch-size", "2", "--seed", "0", "--image-size", "16"]
     assert main([*args, "--no-progress", "--prompts", "builtin:shapes-train"]) == 0
     assert "final loss" in capsys.readouterr().out
-    for name in ("config.json", "model.safetensors", "loss.png"):
+    for name in ("config.json", "model.safetensors", "loss.png", "README.md"):
         assert (out / name).stat().st_size > 0
+    card = (out / "README.md").read_text()
+    assert hashlib.sha256((out / "model.safetensors").read_bytes()).hexdigest() in card
+    assert "--steps 2 --batch-size 2 --seed 0 --image-size 16" in card and "--prompts builtin:shapes-train" in card
     policy = TinyGridPolicy.from_pretrained(out, sampling=SamplingConfig(num_steps=2, guidance_scale=3.0))
     traj = policy.sample(["a red sphere"], generator=torch.Generator().manual_seed(0), with_reference=False)
     assert traj.images.shape == (1, 3, 16, 16) and torch.isfinite(traj.images).all()

@@ -11,6 +11,7 @@ import argparse
 import json
 import logging
 import sys
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -71,7 +72,33 @@ def cmd_train(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
-    run_demo(args.out, epochs=args.epochs, policy_path=args.policy_path, progress=not args.no_progress)
+    overrides = _parse_set(args.set)
+    if args.epochs is not None:
+        overrides["epochs"] = args.epochs
+    if args.policy_path:
+        overrides["policy.path"] = args.policy_path
+    run_demo(args.out, overrides=overrides, progress=not args.no_progress)
+    return 0
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    from .reporting import before_after, compare_runs, load_history
+
+    runs: dict[str, Path] = {}
+    for item in args.runs:
+        label, sep, path = item.partition("=")
+        runs[label if sep else Path(item).name] = Path(path if sep else item)
+    for label, run_dir in runs.items():
+        summary = before_after(load_history(run_dir))
+        if summary is None:
+            print(f"{label}: no base evaluation and later one to compare")
+            continue
+        (m0, m1), (a0, a1) = summary["mrc"], summary["alignment"]
+        print(
+            f"{label}: held-out MRC {m0:.4f} -> {m1:.4f} ({summary['mrc_change']:+.1%}), alignment "
+            f"{a0:.1f}% -> {a1:.1f}%, final KL {summary['train_kl']:.3g}, epochs {summary['final_epoch'] + 1}"
+        )
+    print(f"figure: {compare_runs(runs, args.out)}")
     return 0
 
 
@@ -91,13 +118,14 @@ def cmd_sft(args: argparse.Namespace) -> int:
 
     from .policies.tiny import TinyConfig, TinyGridPolicy
     from .prompts import load_prompts
-    from .sft import plot_losses, train_sft
+    from .sft import plot_losses, train_sft, write_model_card
 
     if args.steps < 1 or args.batch_size < 1:
         raise ConfigError(f"--steps and --batch-size must be >= 1, got {args.steps} and {args.batch_size}")
     if args.image_size < 16 or args.image_size % 8:
         raise ConfigError(f"--image-size must be a multiple of 8 and >= 16, got {args.image_size}")
     source = load_prompts(args.prompts) if args.prompts else None
+    start = time.perf_counter()
     torch.manual_seed(args.seed)  # the initial weights
     policy = TinyGridPolicy(TinyConfig(image_size=args.image_size))
     losses = train_sft(
@@ -112,6 +140,11 @@ def cmd_sft(args: argparse.Namespace) -> int:
         progress=not args.no_progress,
     )
     plot_losses(losses, args.out / "loss.png")
+    command = (
+        f"carve3d-train sft --out {args.out} --steps {args.steps} --batch-size {args.batch_size} --seed {args.seed} "
+        f"--image-size {args.image_size} --lr {args.lr:g}" + (f" --prompts {args.prompts}" if args.prompts else "")
+    )
+    write_model_card(args.out, command, losses, time.perf_counter() - start)
     tail = losses[-max(1, len(losses) // 10) :]
     print(f"sft: {len(losses)} steps, final loss {sum(tail) / len(tail):.4f}; weights in {args.out}")
     return 0
@@ -136,10 +169,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_train)
 
-    p = sub.add_parser("demo", help="start the reward service and finetune the CPU model against it (minutes)")
+    p = sub.add_parser("demo", help="the miniature Carve3D: start the reward service, finetune the shipped CPU model")
     p.add_argument("--out", type=Path, default=Path("out/rl-demo"))
-    p.add_argument("--epochs", type=int, default=4)
-    p.add_argument("--policy-path", help="start from these tiny-model weights instead of a random model")
+    p.add_argument("--epochs", type=int, help="default: the demo's (see carve3d_trainer/demo.py)")
+    p.add_argument("--policy-path", help="tiny-model weights (default builtin:tiny-sft, the shipped SFT model)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a demo setting")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=cmd_demo)
 
@@ -154,6 +188,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint-every", type=int, default=500, help="save the weights every N steps (0: at the end)")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=cmd_sft)
+
+    p = sub.add_parser("compare", help="curves of several runs in one figure (ablations), and their before/after")
+    p.add_argument("runs", nargs="+", metavar="[LABEL=]RUN_DIR", help="run folders (with metrics.jsonl)")
+    p.add_argument("--out", type=Path, default=Path("compare-runs.png"))
+    p.set_defaults(func=cmd_compare)
 
     p = sub.add_parser("prompts", help="list the shipped prompt sets, or print one")
     p.add_argument("name", nargs="?", help="e.g. builtin:shapes-train or a file")

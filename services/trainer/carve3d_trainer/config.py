@@ -84,7 +84,7 @@ class TrainConfig(BaseSettings):
     test_prompts: str = Field("builtin:shapes-test", description="Held-out prompts for evaluation.")
     samples_per_epoch: int = Field(32, ge=1, description="Samples per round (all processes together).")
     sample_batch_size: int = Field(8, ge=1, description="Samples per sampling call (per process).")
-    eval_every: int = Field(1, ge=0, description="Evaluate every N epochs (0: only at the end).")
+    eval_every: int = Field(1, ge=0, description="Evaluate every N epochs (0: only at the end); epoch 0 always.")
     eval_samples_per_prompt: int = Field(1, ge=1)
     save_every: int = Field(1, ge=1, description="Checkpoint every N epochs.")
     keep_checkpoints: int = Field(2, ge=1)

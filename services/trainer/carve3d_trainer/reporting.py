@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -21,6 +22,8 @@ SCALARS = (
     "samples_per_s",
     "eval_mrc",
     "eval_kl",
+    "eval_alignment",
+    "eval_diversity",
     "invalid",
     "skipped_steps",
 )
@@ -41,7 +44,7 @@ class EpochLogger:
             self.console = Console(width=max(Console().width, 110))
             self.writer = SummaryWriter(str(self.run_dir / "tb"))
             self.console.print(
-                f"[bold]{'epoch':>5} {'reward':>9} {'MRC':>8} {'KL':>9} {'eval MRC':>9} {'loss':>9} "
+                f"[bold]{'epoch':>5} {'reward':>9} {'MRC':>8} {'KL':>9} {'eval MRC':>9} {'align%':>6} {'loss':>9} "
                 f"{'|grad|':>8} {'wait s':>7} {'samp/s':>7} {'invalid':>7}[/bold]",
                 soft_wrap=True,
             )
@@ -77,15 +80,94 @@ class EpochLogger:
             f"{fmt('reward_wait_s', 7, '.1f')} {fmt('samples_per_s', 7, '.2f')} {fmt('invalid', 7, 'd')}{note}",
             soft_wrap=True,
         )
-        write_report(self.run_dir, self.trainer.state.history, self.trainer.state.metric_id)
+        write_report(
+            self.run_dir, self.trainer.state.history, self.trainer.state.metric_id, self.trainer.report_targets
+        )
 
     def close(self) -> None:
         if self.writer is not None:
             self.writer.close()
 
 
-def write_report(run_dir: Path, history: list[dict[str, Any]], metric_id: str = "") -> Path:
-    """``report.md`` with reward/KL/eval curves (``curves.png``) and the latest eval sheet."""
+@dataclass(frozen=True)
+class Targets:
+    """What a run must show to count as a success (the miniature Carve3D's acceptance, issue 8)."""
+
+    min_mrc_drop: float = 0.20  # held-out MRC falls by at least this fraction of the base model's
+    max_alignment_drop: float = 5.0  # prompt alignment (percentage points) falls by at most this
+    kl_stop: float | None = None  # the final round's KL stays under this
+
+
+def _evals(history: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return [h for h in history if h.get("eval_mrc") is not None and math.isfinite(h["eval_mrc"])]
+
+
+def before_after(history: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """Base (the first held-out evaluation, before any update) against the last one; None without both."""
+    evals = _evals(history)
+    if len(evals) < 2 or evals[0].get("updated", True):
+        return None
+    base, last = evals[0], evals[-1]
+
+    def get(h: dict[str, Any], key: str) -> float:
+        value = h.get(key)
+        return float(value) if value is not None else math.nan
+
+    return {
+        "base_epoch": base["epoch"],
+        "final_epoch": last["epoch"],
+        "mrc": (get(base, "eval_mrc"), get(last, "eval_mrc")),
+        "mrc_change": get(last, "eval_mrc") / get(base, "eval_mrc") - 1.0,
+        "alignment": (get(base, "eval_alignment"), get(last, "eval_alignment")),
+        "alignment_change": get(last, "eval_alignment") - get(base, "eval_alignment"),
+        "diversity": (get(base, "eval_diversity"), get(last, "eval_diversity")),
+        "kl": (get(base, "eval_kl"), get(last, "eval_kl")),
+        "train_kl": get(history[-1], "kl_mean"),
+    }
+
+
+def check_targets(summary: dict[str, Any], targets: Targets) -> dict[str, bool]:
+    """Each target of ``targets`` met or not (computed from the run's own numbers)."""
+    checks = {
+        f"held-out MRC falls by >= {targets.min_mrc_drop:.0%}": summary["mrc_change"] <= -targets.min_mrc_drop,
+        f"alignment drops by <= {targets.max_alignment_drop:g} points": summary["alignment_change"]
+        >= -targets.max_alignment_drop,
+    }
+    if targets.kl_stop is not None:
+        checks[f"KL stays under kl_stop = {targets.kl_stop:g}"] = summary["train_kl"] < targets.kl_stop
+    return checks
+
+
+def compare_sheets(run_dir: Path, base_epoch: int, final_epoch: int) -> Path | None:
+    """``compare.png``: the base model's held-out sheet beside the finetuned one (same prompts, same noise)."""
+    from PIL import Image
+
+    paths = [run_dir / "eval" / f"epoch-{e:04d}.png" for e in (base_epoch, final_epoch)]
+    if not all(p.exists() for p in paths):
+        return None
+    left, right = (Image.open(p).convert("RGB") for p in paths)
+    gap = 16
+    out = Image.new("RGB", (left.width + gap + right.width, max(left.height, right.height)), "white")
+    out.paste(left, (0, 0))
+    out.paste(right, (left.width + gap, 0))
+    path = run_dir / "compare.png"
+    out.save(path)
+    return path
+
+
+def _fmt(value: Any, spec: str) -> str:
+    if value is None or (isinstance(value, float) and not math.isfinite(value)):
+        return "-"
+    return format(value, spec)
+
+
+def write_report(
+    run_dir: Path, history: list[dict[str, Any]], metric_id: str = "", targets: Targets | None = None
+) -> Path:
+    """``report.md``: curves (``curves.png``), the per-epoch table, base vs finetuned, the latest sheet.
+
+    With ``targets`` it also says, from the run's own numbers, whether each was met.
+    """
     import matplotlib
 
     matplotlib.use("Agg")
@@ -96,14 +178,19 @@ def write_report(run_dir: Path, history: list[dict[str, Any]], metric_id: str = 
     def series(key: str) -> list[float]:
         return [h.get(key) if h.get(key) is not None else math.nan for h in history]
 
-    fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
+    fig, axes = plt.subplots(1, 4, figsize=(16, 3.6))
     axes[0].plot(epochs, series("mrc_mean"), marker="o", label="train samples")
     axes[0].plot(epochs, series("eval_mrc"), marker="s", label="held-out prompts")
     axes[0].set_title("MRC (lower = more 3D-consistent)")
-    axes[1].plot(epochs, series("kl_mean"), marker="o", color="tab:red")
+    axes[1].plot(epochs, series("kl_mean"), marker="o", color="tab:red", label="train samples")
+    axes[1].plot(epochs, series("eval_kl"), marker="s", color="tab:orange", label="held-out prompts")
+    if targets is not None and targets.kl_stop is not None:
+        axes[1].axhline(targets.kl_stop, color="black", ls="--", lw=1, label="kl_stop")
     axes[1].set_title("KL to the base model")
-    axes[2].plot(epochs, series("reward_std"), marker="o", color="tab:green")
-    axes[2].set_title("reward std within a round")
+    axes[2].plot(epochs, series("eval_alignment"), marker="s", color="tab:green")
+    axes[2].set_title("prompt alignment, held-out (%)")
+    axes[3].plot(epochs, series("eval_diversity"), marker="s", color="tab:purple")
+    axes[3].set_title("diversity within a prompt, held-out")
     from matplotlib.ticker import MaxNLocator
 
     for ax in axes:
@@ -111,28 +198,94 @@ def write_report(run_dir: Path, history: list[dict[str, Any]], metric_id: str = 
         ax.set_xlabel("epoch")
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=8)
+    axes[1].legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(run_dir / "curves.png", dpi=110)
     plt.close(fig)
 
-    lines = []
-    for h in history:
-        ev = f"{h['eval_mrc']:.4f}" if h.get("eval_mrc") is not None else "-"
-        lines.append(
-            f"| {h['epoch']} | {h.get('mrc_mean', math.nan):.4f} | {h.get('kl_mean', math.nan):.3e} | {ev} | "
-            f"{h.get('invalid', 0)} | {'yes' if h.get('updated') else 'warm-up'} |"
-        )
-    sheets = sorted((run_dir / "eval").glob("epoch-*.png")) if (run_dir / "eval").exists() else []
-    latest = f"\n## Latest held-out samples\n\n![samples]({sheets[-1].relative_to(run_dir)})\n" if sheets else ""
+    lines = [
+        f"| {h['epoch']} | {_fmt(h.get('mrc_mean'), '.4f')} | {_fmt(h.get('kl_mean'), '.3e')} | "
+        f"{_fmt(h.get('eval_mrc'), '.4f')} | {_fmt(h.get('eval_alignment'), '.1f')} | "
+        f"{_fmt(h.get('eval_diversity'), '.4f')} | {h.get('invalid', 0)} | {'yes' if h.get('updated') else 'warm-up'} |"
+        for h in history
+    ]
     text = (
         "# Carve3D RL finetuning report\n\n"
         f"Reward metric: `{metric_id or 'unknown'}`\n\n"
         "![curves](curves.png)\n\n"
-        "| epoch | train MRC | KL | held-out MRC | invalid | update |\n|---|---|---|---|---|---|\n"
-        + "\n".join(lines)
-        + "\n"
-        + latest
+        "| epoch | train MRC | KL | held-out MRC | alignment % | diversity | invalid | update |\n"
+        "|---|---|---|---|---|---|---|---|\n" + "\n".join(lines) + "\n"
     )
+    summary = before_after(history)
+    if summary is not None:
+        (m0, m1), (a0, a1), (d0, d1), (k0, k1) = (summary[k] for k in ("mrc", "alignment", "diversity", "kl"))
+        text += (
+            f"\n## Base model (epoch {summary['base_epoch']}, before any update) vs finetuned "
+            f"(epoch {summary['final_epoch']}), held-out prompts\n\n"
+            "| | base | finetuned | change |\n|---|---|---|---|\n"
+            f"| MRC | {m0:.4f} | {m1:.4f} | {summary['mrc_change']:+.1%} |\n"
+            f"| alignment % | {a0:.1f} | {a1:.1f} | {summary['alignment_change']:+.1f} points |\n"
+            f"| diversity | {_fmt(d0, '.4f')} | {_fmt(d1, '.4f')} | |\n"
+            f"| KL to the base (held-out) | {k0:.3e} | {k1:.3e} | |\n"
+        )
+        if targets is not None:
+            checks = check_targets(summary, targets)
+            text += "\n" + "\n".join(f"- {'PASS' if ok else 'FAIL'}: {name}" for name, ok in checks.items()) + "\n"
+        compare = compare_sheets(run_dir, summary["base_epoch"], summary["final_epoch"])
+        if compare is not None:
+            text += "\nSame prompts, same noise: base (left) and finetuned (right), each grid beside its re-render.\n\n"
+            text += f"![base vs finetuned]({compare.name})\n"
+    sheets = sorted((run_dir / "eval").glob("epoch-*.png")) if (run_dir / "eval").exists() else []
+    if sheets:
+        text += f"\n## Latest held-out samples\n\n![samples]({sheets[-1].relative_to(run_dir)})\n"
     path = run_dir / "report.md"
     path.write_text(text)
     return path
+
+
+def load_history(run_dir: Path) -> list[dict[str, Any]]:
+    """A run's per-epoch records (``metrics.jsonl``; a resumed run's repeated epochs keep the last)."""
+    path = run_dir / "metrics.jsonl"
+    if not path.exists():
+        from carve3d_reward.errors import ConfigError
+
+        raise ConfigError(f"{run_dir}: no metrics.jsonl (not a run folder, or no epoch finished yet)")
+    records: dict[int, dict[str, Any]] = {}
+    for line in path.read_text().splitlines():
+        if line.strip():
+            record = json.loads(line)
+            records[record["epoch"]] = record
+    return [records[k] for k in sorted(records)]
+
+
+def compare_runs(runs: dict[str, Path], out: Path) -> Path:
+    """One figure of several runs (ablations): held-out MRC, train KL, alignment and diversity per epoch."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
+
+    panels = (
+        ("eval_mrc", "held-out MRC"),
+        ("kl_mean", "KL to the base (train samples)"),
+        ("eval_alignment", "prompt alignment, held-out (%)"),
+        ("eval_diversity", "diversity, held-out"),
+    )
+    fig, axes = plt.subplots(1, len(panels), figsize=(16, 3.6))
+    for label, run_dir in runs.items():
+        history = load_history(run_dir)
+        for ax, (key, _) in zip(axes, panels, strict=True):
+            points = [(h["epoch"], h[key]) for h in history if h.get(key) is not None and math.isfinite(h[key])]
+            ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=label)
+    for ax, (_, title) in zip(axes, panels, strict=True):
+        ax.set_title(title)
+        ax.set_xlabel("epoch")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=8)
+    fig.tight_layout()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out

@@ -1,9 +1,10 @@
 """Supervised ("SFT") training of the tiny policy on procedural prompt -> 2x2 grid data.
 
-Standard epsilon-prediction diffusion training: a grid ``x0`` in ``[-1, 1]`` of
-the scene a prompt describes (:mod:`.sft_data`), a random timestep ``t``, noise
-``eps`` and ``x_t = sqrt(a_t) x0 + sqrt(1 - a_t) eps``; the loss is the MSE
-between the UNet's prediction and ``eps``. A fraction of the prompts (10% by
+Standard diffusion training: a grid ``x0`` in ``[-1, 1]`` of the scene a
+prompt describes (:mod:`.sft_data`), a random timestep ``t``, noise ``eps`` and
+``x_t = sqrt(a_t) x0 + sqrt(1 - a_t) eps``; the loss is the MSE between the
+UNet's prediction and its target: ``v = sqrt(a_t) eps - sqrt(1 - a_t) x0`` for
+the tiny model's default ``v_prediction`` (``eps`` for ``epsilon``). A fraction of the prompts (10% by
 default) is replaced by ``""`` so the model also learns the unconditional
 prediction that classifier-free guidance needs. The UNet and the hashed text
 encoder are both trained (the RL stage later freezes the encoder again).
@@ -27,14 +28,15 @@ from .sft_data import item_seed, random_prompt, sft_batch
 def diffusion_loss(
     policy: TinyGridPolicy, x0: Tensor, prompts: Sequence[str], timesteps: Tensor, noise: Tensor
 ) -> Tensor:
-    """Mean epsilon-prediction MSE of ``policy`` on grids ``x0 [B, 3, H, W]`` in ``[-1, 1]``."""
+    """Mean MSE of ``policy``'s prediction (noise, v or x0: its ``prediction_type``) on grids ``x0`` in ``[-1, 1]``."""
     device = policy.device
     x0, noise, timesteps = x0.to(device), noise.to(device), timesteps.to(device)
     a = policy.alphas_cumprod.to(device)[timesteps].to(torch.float32).view(-1, 1, 1, 1)
     x_t = a.sqrt() * x0 + (1.0 - a).sqrt() * noise
     cond = policy.text_encoder(list(prompts))
     pred = policy.unet(x_t.to(policy.unet_dtype), timesteps, encoder_hidden_states=cond).sample
-    return F.mse_loss(pred.to(torch.float32), noise)
+    target = {"epsilon": noise, "v_prediction": a.sqrt() * noise - (1.0 - a).sqrt() * x0, "sample": x0}
+    return F.mse_loss(pred.to(torch.float32), target[policy.prediction_type])
 
 
 def make_prompts(rng: random.Random, n: int, source: Sequence[str] | None, random_fraction: float) -> list[str]:
@@ -136,7 +138,7 @@ def plot_losses(losses: Sequence[float], path: Path) -> Path:
         smooth = F.conv1d(torch.tensor(list(losses), dtype=torch.float32).view(1, 1, -1), kernel).flatten()
         ax.plot(xs[window - 1 :], smooth.tolist(), lw=1.5, label=f"mean of {window}")
     ax.set_xlabel("step")
-    ax.set_ylabel("epsilon MSE")
+    ax.set_ylabel("MSE of the prediction")
     ax.set_yscale("log")
     ax.set_title("SFT loss")
     ax.legend()
@@ -144,4 +146,30 @@ def plot_losses(losses: Sequence[float], path: Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=100)
     plt.close(fig)
+    return path
+
+
+def write_model_card(folder: Path, command: str, losses: Sequence[float], seconds: float) -> Path:
+    """``README.md`` beside the weights: how they were made and the SHA-256 of the file it describes."""
+    import hashlib
+    import json
+
+    weights = folder / "model.safetensors"
+    digest = hashlib.sha256(weights.read_bytes()).hexdigest()
+    config = json.loads((folder / "config.json").read_text())
+    tail = losses[-max(1, len(losses) // 10) :]
+    text = (
+        "# Tiny multi-view diffusion model (SFT stage of the miniature Carve3D)\n\n"
+        "A pixel-space diffusers `UNet2DConditionModel` with a hashed bag-of-words prompt encoder "
+        f"(`carve3d_trainer/policies/tiny.py`), {config['image_size']} px 2x2 grids, "
+        f"`{config['prediction_type']}`, trained on procedural prompt -> grid data (`sft_data.py`).\n\n"
+        f"Made by:\n\n```bash\n{command}\n```\n\n"
+        f"- steps: {len(losses)}, final loss (mean of the last 10%): {sum(tail) / len(tail):.4f}\n"
+        f"- wall time: {seconds / 60:.1f} min on torch {torch.__version__} with {torch.get_num_threads()} CPU "
+        "threads (a bitwise reproduction needs the same: the thread count changes float reductions)\n"
+        f"- `model.safetensors` SHA-256: `{digest}`\n"
+        "- loss curve: `loss.png`\n"
+    )
+    path = folder / "README.md"
+    path.write_text(text)
     return path

@@ -54,6 +54,7 @@ from .checkpoint import TrainingState, latest_checkpoint, load_checkpoint, save_
 from .config import TrainConfig
 from .policies.base import DiffusionPolicy, SamplingConfig, Trajectory
 from .prompts import load_prompts
+from .reporting import Targets
 from .rewards import RewardBackend, build_rewards
 from .trackers import PerPromptStatTracker, compose_advantages
 
@@ -69,12 +70,10 @@ def build_policy(config: TrainConfig) -> DiffusionPolicy:
             from carve3d_reward.errors import ConfigError
 
             raise ConfigError("policy.mixed_precision applies to sd/sdxl; the tiny CPU model runs in fp32")
-        from pathlib import Path
-
-        from .policies.tiny import TinyConfig, TinyGridPolicy
+        from .policies.tiny import TinyConfig, TinyGridPolicy, resolve_weights
 
         if p.path:
-            policy: DiffusionPolicy = TinyGridPolicy.from_pretrained(Path(p.path), sampling=sampling)
+            policy: DiffusionPolicy = TinyGridPolicy.from_pretrained(resolve_weights(p.path), sampling=sampling)
         else:
             torch.manual_seed(config.seed)
             policy = TinyGridPolicy(TinyConfig(sampling=sampling))
@@ -131,6 +130,8 @@ class EpochStats:
     eval_mrc: float | None = None
     eval_kl: float | None = None
     eval_invalid: int | None = None
+    eval_alignment: float | None = None
+    eval_diversity: float | None = None
 
 
 class Trainer:
@@ -185,6 +186,7 @@ class Trainer:
         self.state = TrainingState(epoch=0, history=[])
         self.run_id = _seed(config.seed, config.run_dir.resolve()) % 10**10
         self.writer: Any = None
+        self.report_targets: Targets | None = None  # report.md says whether these were met
 
     # -- setup ---------------------------------------------------------------------------------------------
     @property
@@ -396,12 +398,14 @@ class Trainer:
             stats = self.run_epoch(epoch)
             record = vars(stats)
             last = epoch == cfg.epochs - 1
-            if (cfg.eval_every and (epoch + 1) % cfg.eval_every == 0) or last:
+            stop = cfg.algorithm.kl_stop is not None and stats.kl_mean > cfg.algorithm.kl_stop
+            # epoch 0 always: with warm-up it is the base model, the reference every later evaluation is read
+            # against; and the model a run ends with (last epoch or early stop) always
+            if epoch == 0 or (cfg.eval_every and (epoch + 1) % cfg.eval_every == 0) or last or stop:
                 ev = self.evaluate(epoch)
-                record |= {"eval_mrc": ev["mrc"], "eval_kl": ev["kl"], "eval_invalid": ev["invalid"]}
+                record |= {f"eval_{k}": ev[k] for k in ("mrc", "kl", "invalid", "alignment", "diversity")}
             self.state.history.append(record)
             self.state.epoch = epoch + 1
-            stop = cfg.algorithm.kl_stop is not None and stats.kl_mean > cfg.algorithm.kl_stop
             if self.acc.is_main_process and ((epoch + 1) % cfg.save_every == 0 or last or stop):
                 save_checkpoint(
                     cfg.run_dir,

@@ -26,6 +26,7 @@ from ..ddim import DDIMSchedule, ddim_step
 Conditioning = dict[str, Tensor]
 
 LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
+PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
 
 
 @dataclass
@@ -83,10 +84,23 @@ class DiffusionPolicy(nn.Module, ABC):
     """Denoiser + prompt encoder + decoder + DDIM schedule (see module docstring)."""
 
     def __init__(
-        self, unet: nn.Module, alphas_cumprod: Tensor, sampling: SamplingConfig, *, schedule: DDIMSchedule | None = None
+        self,
+        unet: nn.Module,
+        alphas_cumprod: Tensor,
+        sampling: SamplingConfig,
+        *,
+        schedule: DDIMSchedule | None = None,
+        prediction_type: str = "epsilon",
     ) -> None:
-        """``schedule`` overrides the default DDIM schedule (e.g. a pipeline scheduler's own timesteps)."""
+        """``schedule`` overrides the default DDIM schedule (e.g. a pipeline scheduler's own timesteps).
+
+        ``prediction_type``: what the UNet predicts (diffusers' names): ``epsilon``, ``v_prediction``
+        or ``sample`` (x0); :meth:`predict_eps` converts the guided prediction to the noise DDIM needs.
+        """
         super().__init__()
+        if prediction_type not in PREDICTION_TYPES:
+            raise ValueError(f"unsupported prediction_type {prediction_type!r} (use one of {PREDICTION_TYPES})")
+        self.prediction_type = prediction_type
         self.unet = unet
         self.register_buffer("alphas_cumprod", alphas_cumprod.to(torch.float64), persistent=False)
         self.sampling = sampling
@@ -175,8 +189,15 @@ class DiffusionPolicy(nn.Module, ABC):
         merged = {k: torch.cat([uncond[k], cond[k]]) for k in cond}
         kwargs = _unet_kwargs(merged)
         out = unet(x_in.to(self.unet_dtype), t, **kwargs).sample.to(torch.float32)
-        eps_u, eps_c = out.chunk(2)
-        return eps_u + self.sampling.guidance_scale * (eps_c - eps_u)
+        out_u, out_c = out.chunk(2)
+        guided = out_u + self.sampling.guidance_scale * (out_c - out_u)  # linear: guide, then convert
+        if self.prediction_type == "epsilon":
+            return guided
+        a_t = float(self.schedule.alphas_cumprod[self.schedule.timesteps[step]])
+        x = x_t.to(torch.float32)
+        if self.prediction_type == "v_prediction":
+            return a_t**0.5 * guided + (1 - a_t) ** 0.5 * x
+        return (x - a_t**0.5 * guided) / (1 - a_t) ** 0.5  # "sample": the prediction is x0
 
     @property
     def unet_dtype(self) -> torch.dtype:

@@ -27,10 +27,9 @@ from torch import Tensor, nn
 from carve3d_reward.errors import ConfigError, WeightsMissingError
 
 from ..ddim import DDIMSchedule
-from .base import LORA_TARGETS, Conditioning, DiffusionPolicy, SamplingConfig
+from .base import LORA_TARGETS, PREDICTION_TYPES, Conditioning, DiffusionPolicy, SamplingConfig
 
 Resolution = int | tuple[int, int]
-_PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
 
 
 def ddim_scheduler(scheduler: Any) -> Any:
@@ -126,16 +125,15 @@ class _PipelinePolicy(DiffusionPolicy):
         scheduler = ddim_scheduler(pipeline.scheduler)
         pipeline.scheduler = scheduler
         prediction_type = scheduler.config.prediction_type
-        if prediction_type not in _PREDICTION_TYPES:
+        if prediction_type not in PREDICTION_TYPES:
             raise ConfigError(
-                f"unsupported scheduler prediction_type {prediction_type!r} (use one of {_PREDICTION_TYPES})"
+                f"unsupported scheduler prediction_type {prediction_type!r} (use one of {PREDICTION_TYPES})"
             )
         schedule = DDIMSchedule.from_diffusers(scheduler, sampling.num_steps, eta=sampling.eta)
         _check_positive_variance(schedule)
         unet = _to(pipeline.unet, device, dtype)
-        super().__init__(unet, schedule.alphas_cumprod, sampling, schedule=schedule)
+        super().__init__(unet, schedule.alphas_cumprod, sampling, schedule=schedule, prediction_type=prediction_type)
         self.pipeline = pipeline
-        self.prediction_type: str = prediction_type
         self.vae_scale_factor = int(pipeline.vae_scale_factor)
         self.resolution = _resolution(resolution, sampling, unet, self.vae_scale_factor)
         self.decode_batch_size = decode_batch_size
@@ -194,14 +192,7 @@ class _PipelinePolicy(DiffusionPolicy):
         dtype = self.unet_dtype
         cond = {k: v.to(self.device, dtype) for k, v in cond.items()}
         uncond = {k: v.to(self.device, dtype) for k, v in uncond.items()}
-        out = super().predict_eps(unet, x_t, step, cond, uncond)  # guided, fp32
-        if self.prediction_type == "epsilon":
-            return out
-        a_t = float(self.schedule.alphas_cumprod[self.schedule.timesteps[step]])
-        x = x_t.to(torch.float32)
-        if self.prediction_type == "v_prediction":
-            return a_t**0.5 * out + (1 - a_t) ** 0.5 * x
-        return (x - a_t**0.5 * out) / (1 - a_t) ** 0.5  # "sample": out is x0
+        return super().predict_eps(unet, x_t, step, cond, uncond)  # guided, converted to eps, fp32
 
     @torch.no_grad()
     def decode(self, latents: Tensor) -> Tensor:

@@ -23,6 +23,9 @@ from ..ddim import DDIMSchedule
 from .base import Conditioning, DiffusionPolicy, SamplingConfig
 
 _WORD = re.compile(r"[a-z0-9]+")
+BUILTIN_PREFIX = "builtin:"
+#: The shipped weights (``builtin:<name>``): see ``weights/<name>/README.md`` for how each was made.
+SHIPPED = ("tiny-sft",)
 
 
 @dataclass(frozen=True)
@@ -39,6 +42,9 @@ class TinyConfig:
     attention_head_dim: int = 8
     norm_num_groups: int = 8
     num_train_timesteps: int = 1000
+    # v = sqrt(a) eps - sqrt(1 - a) x0: an epsilon-predicting pixel model gets the global brightness of the
+    # white-background grids wrong at high noise (its error is divided by sqrt(a) ~ 0.01) and samples darken.
+    prediction_type: str = "v_prediction"
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
 
     def to_json(self) -> str:
@@ -49,6 +55,7 @@ class TinyConfig:
         raw = json.loads(text)
         raw["block_out_channels"] = tuple(raw["block_out_channels"])
         raw["sampling"] = SamplingConfig(**raw["sampling"])
+        raw.setdefault("prediction_type", "epsilon")  # files written before the field existed
         return TinyConfig(**raw)
 
 
@@ -76,6 +83,33 @@ class HashedTextEncoder(nn.Module):
         return self.words(ids) + self.positions * mask
 
 
+def resolve_weights(spec: str | Path) -> Path:
+    """A weights folder: ``builtin:<name>`` (shipped with the package, see :data:`SHIPPED`) or a path.
+
+    A missing folder or file is a :class:`~carve3d_reward.errors.ConfigError` naming what is there.
+    """
+    from importlib import resources
+
+    from carve3d_reward.errors import ConfigError
+
+    text = str(spec)
+    if text.startswith(BUILTIN_PREFIX):
+        name = text.removeprefix(BUILTIN_PREFIX)
+        if name not in SHIPPED:
+            shipped = ", ".join(BUILTIN_PREFIX + n for n in SHIPPED)
+            raise ConfigError(f"{text}: no such shipped model (shipped: {shipped})")
+        path = Path(str(resources.files("carve3d_trainer") / "weights" / name))
+    else:
+        path = Path(text)
+    missing = [f for f in ("config.json", "model.safetensors") if not (path / f).is_file()]
+    if missing:
+        raise ConfigError(
+            f"{text}: not a tiny-model weights folder (missing {', '.join(missing)}); make one with "
+            "`carve3d-train sft --out FOLDER` or use builtin:tiny-sft"
+        )
+    return path
+
+
 class TinyGridPolicy(DiffusionPolicy):
     """The CPU model: pixel-space 2x2 grids in ``[-1, 1]``."""
 
@@ -98,7 +132,7 @@ class TinyGridPolicy(DiffusionPolicy):
             norm_num_groups=config.norm_num_groups,
         )
         alphas = DDIMSchedule.linear_betas(config.num_train_timesteps)
-        super().__init__(unet, alphas, config.sampling)
+        super().__init__(unet, alphas, config.sampling, prediction_type=config.prediction_type)
         self.config = config
         self.text_encoder = HashedTextEncoder(config.vocab_buckets, config.max_words, config.text_dim)
         self.text_encoder.requires_grad_(False)
@@ -124,7 +158,9 @@ class TinyGridPolicy(DiffusionPolicy):
         save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(path / "model.safetensors"))
 
     @classmethod
-    def from_pretrained(cls, path: Path, sampling: SamplingConfig | None = None) -> TinyGridPolicy:
+    def from_pretrained(cls, path: Path | str, sampling: SamplingConfig | None = None) -> TinyGridPolicy:
+        """Weights saved by :meth:`save_pretrained` (a folder or ``builtin:<name>``), strictly loaded."""
+        path = resolve_weights(path)
         config = TinyConfig.from_json((path / "config.json").read_text())
         if sampling is not None:
             config = TinyConfig(
