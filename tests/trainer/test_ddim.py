@@ -84,3 +84,11 @@ def test_eta_zero_has_no_log_prob() -> None:
     sched = DDIMSchedule.make(DDIMSchedule.linear_betas(), 10, eta=0.0)
     with pytest.raises(ValueError, match="eta"):
         ddim_step(sched, 0, torch.zeros(1, 1, 2, 2), torch.zeros(1, 1, 2, 2))
+
+
+def test_step_sigmas_are_the_ones_the_steps_use(schedule) -> None:
+    sigmas = schedule.sigmas()
+    x_t = torch.zeros(1, 3, 4, 4)
+    for i in (0, 7, 19):
+        assert float(sigmas[i]) == pytest.approx(reference(schedule, i, x_t, x_t)[1], rel=1e-4)
+    assert float(sigmas[-1]) < 0.05 < float(sigmas[0])  # the last step is nearly deterministic

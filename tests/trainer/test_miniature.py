@@ -87,6 +87,7 @@ def test_one_rl_epoch_of_the_demo_against_a_live_service(tmp_path: Path, capsys)
     for h in history:
         assert h["invalid"] + h["eval_invalid"] < 8 + 12  # scored, not all rejected
         assert 0.0 <= h["eval_alignment"] <= 100.0 and h["eval_diversity"] > 0.0
+        assert 0.0 < h["eval_mrc_se"] < h["eval_mrc"]
     text = report.read_text()
     assert "Base model (epoch 0, before any update) vs finetuned (epoch 1)" in text
     assert (run / "compare.png").exists() and "compare.png" in text

@@ -181,3 +181,18 @@ def test_config_errors_are_clear(tmp_path) -> None:
     bad.write_text("{nope")
     with pytest.raises(ConfigError, match="not valid JSON"):
         load_config(bad)
+
+
+def test_min_step_sigma_keeps_the_nearly_deterministic_last_steps_out_of_the_update(tmp_path) -> None:
+    trainer = make_trainer(tmp_path, **{"algorithm.min_step_sigma": 0.05})
+    sigmas = trainer.policy.schedule.sigmas()
+    kept = trainer._trainable_steps(len(sigmas))
+    assert kept.tolist() == [i for i, s in enumerate(sigmas.tolist()) if s >= 0.05]
+    assert len(kept) < len(sigmas) and len(kept) > 0
+    calls = []
+    step_log_prob = trainer.policy.step_log_prob
+    trainer.policy.step_log_prob = lambda traj, j: calls.append(j) or step_log_prob(traj, j)
+    trainer.run_epoch(0)
+    trainer.run_epoch(1)  # the first round only fills the trackers
+    assert calls and set(calls) <= set(kept.tolist())
+    trainer.close()

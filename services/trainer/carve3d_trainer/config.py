@@ -43,6 +43,13 @@ class AlgorithmConfig(BaseModel):
     ppo_clip: float = Field(1e-4, gt=0.0, description="PPO ratio clip range (method ppo).")
     ppo_epochs: int = Field(1, ge=1, description="Optimisation passes per sampling round (method ppo).")
     timestep_fraction: float = Field(1.0, gt=0.0, le=1.0, description="Fraction of steps trained per sample.")
+    min_step_sigma: float = Field(
+        0.0,
+        ge=0.0,
+        description="Train only steps whose DDIM sigma is at least this (0: all). A step's log-prob gradient "
+        "scales as 1/sigma^2: in pixel space the last steps (sigma ~0.01) outweigh the rest ~1000x and the policy "
+        "learns to reproduce sampled pixel noise.",
+    )
     train_batch_size: int = Field(4, ge=1, description="Samples per backward pass.")
     grad_accum: int = Field(0, ge=0, description="Backward passes per optimiser step (0: the whole round).")
     lr: float = Field(3e-4, gt=0.0)

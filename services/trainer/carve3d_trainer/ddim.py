@@ -74,6 +74,11 @@ class DDIMSchedule:
     def __len__(self) -> int:
         return int(self.timesteps.shape[0])
 
+    def sigmas(self) -> Tensor:
+        """``[T]`` the standard deviation of every step (float64), as :func:`ddim_step` uses it."""
+        a_t, a_prev = self.alphas(torch.arange(len(self)))
+        return self.eta * ((1 - a_prev) / (1 - a_t) * (1 - a_t / a_prev)).clamp_min(0).sqrt()
+
     def alphas(self, step: Tensor) -> tuple[Tensor, Tensor]:
         """``(a_t, a_prev)`` for step indices ``step [B]`` (float64)."""
         step = step.to(torch.int64).cpu()

@@ -88,6 +88,8 @@ def evaluate_policy(trainer: Trainer, epoch: int) -> dict[str, Any]:
     all_images = torch.stack([row[4] for row in rows]).to(torch.float32) / 255.0 if rows else torch.zeros(0)
     out = {
         "mrc": float(mrc[valid].mean()) if valid.any() else math.nan,
+        # standard error of that mean: MRC is heavy-tailed, so a few dozen samples leave it about +-10% uncertain
+        "mrc_se": float(mrc[valid].std() / math.sqrt(int(valid.sum()))) if int(valid.sum()) > 1 else math.nan,
         "kl": float(kl.mean()) if kl.numel() else math.nan,
         "invalid": int((~valid).sum()),
         "alignment": 100.0 * sum(row[3] for row in rows) / len(rows) if rows else math.nan,

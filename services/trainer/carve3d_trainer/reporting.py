@@ -76,7 +76,8 @@ class EpochLogger:
         note = "" if record.get("updated", True) else "  (warm-up: trackers only)"
         self.console.print(
             f"{epoch:>5} {fmt('reward_mean', 9)} {fmt('mrc_mean', 8)} {fmt('kl_mean', 9, '.2e')} "
-            f"{fmt('eval_mrc', 9)} {fmt('loss', 9, '.2e')} {fmt('grad_norm', 8, '.3f')} "
+            f"{fmt('eval_mrc', 9)} {fmt('eval_alignment', 6, '.1f')} "
+            f"{fmt('loss', 9, '.2e')} {fmt('grad_norm', 8, '.3f')} "
             f"{fmt('reward_wait_s', 7, '.1f')} {fmt('samples_per_s', 7, '.2f')} {fmt('invalid', 7, 'd')}{note}",
             soft_wrap=True,
         )
@@ -117,6 +118,7 @@ def before_after(history: list[dict[str, Any]]) -> dict[str, Any] | None:
         "base_epoch": base["epoch"],
         "final_epoch": last["epoch"],
         "mrc": (get(base, "eval_mrc"), get(last, "eval_mrc")),
+        "mrc_se": (get(base, "eval_mrc_se"), get(last, "eval_mrc_se")),
         "mrc_change": get(last, "eval_mrc") / get(base, "eval_mrc") - 1.0,
         "alignment": (get(base, "eval_alignment"), get(last, "eval_alignment")),
         "alignment_change": get(last, "eval_alignment") - get(base, "eval_alignment"),
@@ -219,11 +221,13 @@ def write_report(
     summary = before_after(history)
     if summary is not None:
         (m0, m1), (a0, a1), (d0, d1), (k0, k1) = (summary[k] for k in ("mrc", "alignment", "diversity", "kl"))
+        se0, se1 = summary["mrc_se"]
         text += (
             f"\n## Base model (epoch {summary['base_epoch']}, before any update) vs finetuned "
             f"(epoch {summary['final_epoch']}), held-out prompts\n\n"
             "| | base | finetuned | change |\n|---|---|---|---|\n"
-            f"| MRC | {m0:.4f} | {m1:.4f} | {summary['mrc_change']:+.1%} |\n"
+            f"| MRC (+- standard error) | {m0:.4f} +- {_fmt(se0, '.4f')} | {m1:.4f} +- {_fmt(se1, '.4f')} | "
+            f"{summary['mrc_change']:+.1%} |\n"
             f"| alignment % | {a0:.1f} | {a1:.1f} | {summary['alignment_change']:+.1f} points |\n"
             f"| diversity | {_fmt(d0, '.4f')} | {_fmt(d1, '.4f')} | |\n"
             f"| KL to the base (held-out) | {k0:.3e} | {k1:.3e} | |\n"

@@ -130,6 +130,7 @@ class EpochStats:
     eval_mrc: float | None = None
     eval_kl: float | None = None
     eval_invalid: int | None = None
+    eval_mrc_se: float | None = None
     eval_alignment: float | None = None
     eval_diversity: float | None = None
 
@@ -280,7 +281,8 @@ class Trainer:
         a = self.cfg.algorithm
         gen = torch.Generator().manual_seed(_seed(self.cfg.seed, "train", epoch, self.rank))
         n, steps = len(traj), traj.num_steps
-        train_steps = max(1, round(steps * a.timestep_fraction))
+        eligible = self._trainable_steps(steps)
+        train_steps = max(1, round(len(eligible) * a.timestep_fraction))
         minibatches = math.ceil(n / a.train_batch_size)
         accum = a.grad_accum or minibatches  # 0: the whole round in one optimiser step
         adv = adv.to(self.acc.device)
@@ -293,7 +295,7 @@ class Trainer:
                 idx = order[m * a.train_batch_size : (m + 1) * a.train_batch_size]
                 mb, mb_adv = traj.select(idx), adv[idx.to(adv.device)]
                 step_ends = pending + 1 == accum or m == minibatches - 1
-                chosen = torch.randperm(steps, generator=gen)[:train_steps].tolist()
+                chosen = eligible[torch.randperm(len(eligible), generator=gen)[:train_steps]].tolist()
                 for k, j in enumerate(chosen):
                     # DDP all-reduces the gradients only in the last backward pass before an optimiser step;
                     # the others accumulate locally (forward and backward both inside no_sync).
@@ -341,6 +343,15 @@ class Trainer:
             "optimizer_steps": opt_steps,
             "skipped_steps": skipped,
         }
+
+    def _trainable_steps(self, steps: int) -> Tensor:
+        """Indices of the sampling steps the update may train (``min_step_sigma``; at least the noisiest one)."""
+        floor = self.cfg.algorithm.min_step_sigma
+        if floor <= 0:
+            return torch.arange(steps)
+        sigmas = self.policy.schedule.sigmas()[:steps]
+        keep = torch.nonzero(sigmas >= floor).flatten()
+        return keep if keep.numel() else torch.argmax(sigmas).reshape(1)
 
     def _all_finite(self, loss: Tensor) -> bool:
         """Whether the loss is finite on every process: all of them skip a backward pass or none does.
@@ -403,7 +414,7 @@ class Trainer:
             # against; and the model a run ends with (last epoch or early stop) always
             if epoch == 0 or (cfg.eval_every and (epoch + 1) % cfg.eval_every == 0) or last or stop:
                 ev = self.evaluate(epoch)
-                record |= {f"eval_{k}": ev[k] for k in ("mrc", "kl", "invalid", "alignment", "diversity")}
+                record |= {f"eval_{k}": ev[k] for k in ("mrc", "mrc_se", "kl", "invalid", "alignment", "diversity")}
             self.state.history.append(record)
             self.state.epoch = epoch + 1
             if self.acc.is_main_process and ((epoch + 1) % cfg.save_every == 0 or last or stop):
