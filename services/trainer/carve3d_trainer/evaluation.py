@@ -51,7 +51,15 @@ def evaluate_policy(trainer: Trainer, epoch: int) -> dict[str, Any]:
     step_gen = torch.Generator()
     futures, images, kls = [], [], []
     trainer.policy.eval()
-    for idx in mine:
+    from tqdm import tqdm
+
+    bar = tqdm(
+        mine,
+        desc=f"epoch {epoch} evaluation",
+        leave=False,
+        disable=not (trainer.progress and trainer.acc.is_main_process),
+    )
+    for idx in bar:
         step_gen.manual_seed(_seed(trainer) + 1 + idx[0])  # each batch's step noise fixed too
         traj = trainer.policy.sample([prompts[i] for i in idx], noise=noise[idx], generator=step_gen)
         futures.append(trainer.rewards.submit(traj.images, f"run{trainer.run_id}-eval{epoch}-i{idx[0]}", renders=True))
