@@ -175,23 +175,23 @@ def write_report(
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    epochs = [h["epoch"] for h in history]
-
-    def series(key: str) -> list[float]:
-        return [h.get(key) if h.get(key) is not None else math.nan for h in history]
+    def series(key: str) -> tuple[list[int], list[float]]:
+        """The epochs that have ``key`` (evaluations are not every epoch) and its values, so lines connect."""
+        points = [(h["epoch"], float(h[key])) for h in history if h.get(key) is not None and math.isfinite(h[key])]
+        return [p[0] for p in points], [p[1] for p in points]
 
     fig, axes = plt.subplots(1, 4, figsize=(16, 3.6))
-    axes[0].plot(epochs, series("mrc_mean"), marker="o", label="train samples")
-    axes[0].plot(epochs, series("eval_mrc"), marker="s", label="held-out prompts")
+    axes[0].plot(*series("mrc_mean"), marker="o", label="train samples")
+    axes[0].plot(*series("eval_mrc"), marker="s", label="held-out prompts")
     axes[0].set_title("MRC (lower = more 3D-consistent)")
-    axes[1].plot(epochs, series("kl_mean"), marker="o", color="tab:red", label="train samples")
-    axes[1].plot(epochs, series("eval_kl"), marker="s", color="tab:orange", label="held-out prompts")
+    axes[1].plot(*series("kl_mean"), marker="o", color="tab:red", label="train samples")
+    axes[1].plot(*series("eval_kl"), marker="s", color="tab:orange", label="held-out prompts")
     if targets is not None and targets.kl_stop is not None:
         axes[1].axhline(targets.kl_stop, color="black", ls="--", lw=1, label="kl_stop")
     axes[1].set_title("KL to the base model")
-    axes[2].plot(epochs, series("eval_alignment"), marker="s", color="tab:green")
+    axes[2].plot(*series("eval_alignment"), marker="s", color="tab:green")
     axes[2].set_title("prompt alignment, held-out (%)")
-    axes[3].plot(epochs, series("eval_diversity"), marker="s", color="tab:purple")
+    axes[3].plot(*series("eval_diversity"), marker="s", color="tab:purple")
     axes[3].set_title("diversity within a prompt, held-out")
     from matplotlib.ticker import MaxNLocator
 
