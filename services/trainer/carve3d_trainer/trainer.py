@@ -70,10 +70,10 @@ def build_policy(config: TrainConfig) -> DiffusionPolicy:
             from carve3d_reward.errors import ConfigError
 
             raise ConfigError("policy.mixed_precision applies to sd/sdxl; the tiny CPU model runs in fp32")
-        from .policies.tiny import TinyConfig, TinyGridPolicy, resolve_weights
+        from .policies.tiny import TinyConfig, TinyGridPolicy
 
-        if p.path:
-            policy: DiffusionPolicy = TinyGridPolicy.from_pretrained(resolve_weights(p.path), sampling=sampling)
+        if p.path:  # a folder or builtin:<name>
+            policy: DiffusionPolicy = TinyGridPolicy.from_pretrained(p.path, sampling=sampling)
         else:
             torch.manual_seed(config.seed)
             policy = TinyGridPolicy(TinyConfig(sampling=sampling))

@@ -20,10 +20,10 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from ..ddim import DDIMSchedule
+from ..prompts import BUILTIN_PREFIX
 from .base import Conditioning, DiffusionPolicy, SamplingConfig
 
 _WORD = re.compile(r"[a-z0-9]+")
-BUILTIN_PREFIX = "builtin:"
 #: The shipped weights (``builtin:<name>``): see ``weights/<name>/README.md`` for how each was made.
 SHIPPED = ("tiny-sft",)
 
