@@ -98,3 +98,32 @@ def test_one_rl_epoch_of_the_demo_against_a_live_service(tmp_path: Path, capsys)
     assert main(["compare", f"demo={run}", f"again={run}", "--out", str(figure)]) == 0
     assert figure.stat().st_size > 0
     assert "demo: held-out MRC" in capsys.readouterr().out
+
+
+def test_sigterm_stops_the_demo_and_its_service(tmp_path: Path) -> None:
+    """No orphaned reward service when a scheduler or a user terminates the demo."""
+    import os
+    import re
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    cmd = [sys.executable, "-m", "carve3d_trainer.cli", "demo", "--out", str(tmp_path), "--no-progress"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        line = proc.stdout.readline()  # the first line: the service is ready
+        port = re.search(r"127\.0\.0\.1:(\d+)", line)
+        assert port, line
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=120) == 128 + signal.SIGTERM
+        deadline = time.monotonic() + 30
+        serving = True
+        while serving and time.monotonic() < deadline:
+            out = subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True).stdout
+            serving = f"--port {port.group(1)} " in out
+            time.sleep(0.5)
+        assert not serving, "the reward service outlived the demo"
+    finally:
+        if proc.poll() is None:
+            os.kill(proc.pid, signal.SIGKILL)

@@ -14,6 +14,11 @@ the two models' samples side by side. The service is stopped at the end
 from __future__ import annotations
 
 import shutil
+import signal
+import sys
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -47,6 +52,19 @@ DEMO_SETTINGS: dict[str, Any] = {
 DEMO_TARGETS = Targets(min_mrc_drop=0.20, max_alignment_drop=5.0)
 
 
+@contextmanager
+def _sigterm_exits() -> Iterator[None]:
+    """SIGTERM ends the demo like Ctrl-C does: through the ``finally`` blocks, so the service is stopped too."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def run_demo(
     out_dir: Path,
     *,
@@ -57,7 +75,7 @@ def run_demo(
     from .trainer import Trainer
 
     out_dir.mkdir(parents=True, exist_ok=True)
-    with serve_subprocess(*DEMO_SERVICE_ARGS, log=out_dir / "reward-service.log") as (url, _):
+    with _sigterm_exits(), serve_subprocess(*DEMO_SERVICE_ARGS, log=out_dir / "reward-service.log") as (url, _):
         print(f"reward service ready at {url} (log: {out_dir / 'reward-service.log'})")
         settings = {**DEMO_SETTINGS, "run_dir": str(out_dir / "run"), **(overrides or {})}
         settings |= {"reward.mode": "service", "reward.url": url}
