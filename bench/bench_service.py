@@ -310,6 +310,19 @@ def main() -> int:
         vs = args.view_size
         pool = grid_pool(args.pool, vs)
         bodies, headers = encode_bodies(pool, args.wire)
+
+        def load_at_16(url: str) -> LoadResult:
+            """The batching-gain load (part b): the same requests at concurrency 16 against either server."""
+            return load(
+                url,
+                bodies,
+                headers,
+                args,
+                requests=requests_for(16, args),
+                concurrency=16,
+                time_limit_s=args.level_timeout,
+            )
+
         print(
             f"\n[a/c] {2 * vs}x{2 * vs} grids (view_size {vs}), max_batch {args.max_batch}, {len(bodies[0])} B/request"
         )
@@ -334,15 +347,7 @@ def main() -> int:
                     results[c] = r
                     print(_row(f"HTTP {engine} max_batch={args.max_batch}", r), flush=True)
                 if "b" in parts and engine == engines[0]:
-                    b16 = load(
-                        url,
-                        bodies,
-                        headers,
-                        args,
-                        requests=requests_for(16, args),
-                        concurrency=16,
-                        time_limit_s=args.level_timeout,
-                    )
+                    b16 = load_at_16(url)
                 stats = server_batch_stats(url)
                 print(f"  server: {stats['batches']:.0f} batches, mean batch {stats['mean_batch']:.1f} grids")
             by_engine[engine] = results
@@ -360,15 +365,7 @@ def main() -> int:
         if "b" in parts:
             with mrc_server(view_size=vs, max_batch=1) as (url, _):
                 warm_up(url, bodies, headers, args, 2)
-                b1 = load(
-                    url,
-                    bodies,
-                    headers,
-                    args,
-                    requests=requests_for(16, args),
-                    concurrency=16,
-                    time_limit_s=args.level_timeout,
-                )
+                b1 = load_at_16(url)
             print(f"\n[b] batching gain at concurrency 16 (same load, two servers)\n{HEADER}")
             print(_row(f"max_batch={args.max_batch}", b16))
             print(_row("max_batch=1", b1))
