@@ -62,3 +62,12 @@ def test_compose_advantages() -> None:
     out = compose_advantages(a_r, a_kl, alpha=1.0, beta=0.2, clip=5.0)
     torch.testing.assert_close(out, torch.tensor([0.6, -2.0, 5.0]))
     assert compose_advantages(a_r, a_kl, beta=0.0)[0] == 1.0
+
+
+def test_a_single_value_is_normalised_by_the_batch_not_by_itself() -> None:
+    """With min_count 1, a prompt's first value would be (v - v) / 0 = 0: no signal at all."""
+    tr = PerPromptStatTracker(buffer_size=3, min_count=1)
+    adv = tr.update(["a", "b", "c"], torch.tensor([1.0, 2.0, 3.0]))
+    torch.testing.assert_close(adv, torch.tensor([-1.2247, 0.0, 1.2247], dtype=torch.float64), atol=1e-4, rtol=0)
+    adv = tr.update(["a"], torch.tensor([3.0]))  # now two values of its own: (3 - 2) / 1
+    torch.testing.assert_close(adv, torch.tensor([1.0], dtype=torch.float64), atol=1e-5, rtol=0)

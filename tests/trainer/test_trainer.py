@@ -11,6 +11,7 @@ import torch
 from torch import Tensor
 
 from carve3d_reward.client import ScoreResult
+from carve3d_reward.errors import ConfigError
 from carve3d_trainer.config import load_config
 from carve3d_trainer.policies.base import SamplingConfig
 from carve3d_trainer.policies.tiny import TinyConfig, TinyGridPolicy
@@ -168,8 +169,6 @@ def test_resume_gives_the_same_samples_and_weights(tmp_path) -> None:
 
 
 def test_config_errors_are_clear(tmp_path) -> None:
-    from carve3d_reward.errors import ConfigError
-
     with pytest.raises(ConfigError, match="multiple of"):
         load_config(None, {"samples_per_epoch": 10, "sample_batch_size": 4})
     with pytest.raises(ConfigError, match=r"algorithm\.beta"):
@@ -198,4 +197,60 @@ def test_min_step_sigma_keeps_the_nearly_deterministic_last_steps_out_of_the_upd
     trainer.run_epoch(0)
     trainer.run_epoch(1)  # the first round only fills the trackers
     assert calls and set(calls) <= set(kept.tolist())
+    # the KL counts the same steps: the last ones act as a fixed decoder
+    traj, _ = trainer.sample_round(2)
+    ratio = torch.zeros_like(traj.log_probs)
+    ratio[:, -1] = 100.0  # a large log-ratio at a step below the floor ...
+    ratio[:, kept] = torch.arange(1.0, len(kept) + 1)  # ... and known ones at the trained steps
+    traj.ref_log_probs = traj.log_probs - ratio
+    torch.testing.assert_close(trainer.kl(traj), torch.full((len(traj),), (len(kept) + 1) / 2))
+    assert (traj.kl > trainer.kl(traj)).all()
     trainer.close()
+
+
+def test_samples_per_prompt_groups_each_round_and_visits_every_prompt_equally(tmp_path) -> None:
+    trainer = make_trainer(tmp_path, samples_per_epoch=8, samples_per_prompt=4)
+    n = len(trainer.train_prompts)
+    rounds = [trainer.round_prompts(e) for e in range(n)]  # 2 groups per round: every prompt twice
+    for r in rounds:
+        assert len(r) == 8 and r[:4] == [r[0]] * 4 and r[4:] == [r[4]] * 4 and r[0] != r[4]
+    visits = [r[g] for r in rounds for g in (0, 4)]
+    assert sorted(visits) == sorted(trainer.train_prompts * 2)
+    assert rounds == [trainer.round_prompts(e) for e in range(n)]  # a function of (seed, epoch): resumable
+    # every process of a run sees the same round; the trackers normalise each group against itself
+    assert trainer.trackers["reward"].min_count == 4
+    traj, _ = trainer.sample_round(0)
+    assert traj.prompts == rounds[0]
+    with pytest.raises(ConfigError, match="samples_per_prompt"):
+        load_config(None, {"samples_per_epoch": 8, "samples_per_prompt": 3, "sample_batch_size": 4})
+    trainer.close()
+
+
+def test_kl_stop_ends_the_run_with_the_model_whose_kl_passed_it(tmp_path) -> None:
+    trainer = make_trainer(tmp_path, epochs=6, **{"algorithm.warmup_epochs": 1, "algorithm.kl_stop": 1e-9})
+    weights = []
+    run_epoch = trainer.run_epoch
+
+    def recording(epoch: int):
+        weights.append({k: v.clone() for k, v in trainer.policy.trainable_state_dict().items()})
+        return run_epoch(epoch)
+
+    trainer.run_epoch = recording
+    history = trainer.train()
+    # epoch 0 fills the trackers, epoch 1 updates (the KL is 0 before any update), epoch 2 measures KL > 0: stop
+    assert [h["epoch"] for h in history] == [0, 1, 2] and history[-1]["stopped_early"]
+    assert history[1]["updated"] and not history[2]["updated"] and history[2]["kl_mean"] > 1e-9
+    final = trainer.policy.trainable_state_dict()
+    assert all(torch.equal(final[k], weights[2][k]) for k in final)  # no update from the stopping round
+    assert history[-1]["eval_mrc"] is not None  # the model the run ends with is evaluated
+    trainer.close()
+
+
+def test_adam_beta2_reaches_the_optimiser_and_survives_resume(tmp_path) -> None:
+    trainer = make_trainer(tmp_path, epochs=2, **{"algorithm.adam_beta2": 0.99})
+    assert trainer.optimizer.param_groups[0]["betas"] == (0.9, 0.99)
+    trainer.train()
+    resumed = make_trainer(tmp_path, epochs=3, **{"algorithm.adam_beta2": 0.99})
+    assert resumed.resume() and resumed.optimizer.param_groups[0]["betas"] == (0.9, 0.99)
+    trainer.close()
+    resumed.close()

@@ -46,19 +46,29 @@ class AlgorithmConfig(BaseModel):
     min_step_sigma: float = Field(
         0.0,
         ge=0.0,
-        description="Train only steps whose DDIM sigma is at least this (0: all). A step's log-prob gradient "
-        "scales as 1/sigma^2: in pixel space the last steps (sigma ~0.01) outweigh the rest ~1000x and the policy "
-        "learns to reproduce sampled pixel noise.",
+        description="Train and measure the KL on only the steps whose DDIM sigma is at least this (0: all); "
+        "the nearly deterministic last steps below it act as a fixed decoder. A step's log-prob gradient and "
+        "log-ratio scale as 1/sigma^2: in pixel space the last steps (sigma ~0.01) would dominate both with "
+        "pixel noise.",
     )
     train_batch_size: int = Field(4, ge=1, description="Samples per backward pass.")
     grad_accum: int = Field(0, ge=0, description="Backward passes per optimiser step (0: the whole round).")
     lr: float = Field(3e-4, gt=0.0)
     weight_decay: float = Field(1e-4, ge=0.0)
+    adam_beta2: float = Field(
+        0.999,
+        gt=0.0,
+        lt=1.0,
+        description="AdamW's second-moment decay. Lower (0.99) follows gradients that grow during the run "
+        "(LoRA's do as the adapters leave zero) instead of averaging them with the small early ones.",
+    )
     max_grad_norm: float = Field(1.0, gt=0.0)
     tracker_buffer: int = Field(3, ge=1, description="Tracker ring buffer, in samples per prompt per epoch.")
     tracker_min_count: int = Field(1, ge=1, description="Below this (x samples per prompt), batch statistics.")
     warmup_epochs: int = Field(1, ge=0, description="Epochs that only fill the trackers (no update).")
-    kl_stop: float | None = Field(None, gt=0.0, description="Stop when the epoch's mean KL passes this.")
+    kl_stop: float | None = Field(
+        None, gt=0.0, description="Stop when a round's mean KL passes this (that round updates nothing)."
+    )
 
 
 class RewardConfig(BaseModel):
@@ -91,6 +101,13 @@ class TrainConfig(BaseSettings):
     test_prompts: str = Field("builtin:shapes-test", description="Held-out prompts for evaluation.")
     samples_per_epoch: int = Field(32, ge=1, description="Samples per round (all processes together).")
     sample_batch_size: int = Field(8, ge=1, description="Samples per sampling call (per process).")
+    samples_per_prompt: int = Field(
+        1,
+        ge=1,
+        description="1: every sample draws its prompt independently (DDPO). k > 1: each round samples "
+        "samples_per_epoch / k prompts (in turn, from a shuffled prompt set) k times each, so every prompt's "
+        "advantage is normalised against samples of the same round (the paper: 768 samples over 30 prompts).",
+    )
     eval_every: int = Field(1, ge=0, description="Evaluate every N epochs (0: only at the end); epoch 0 always.")
     eval_samples_per_prompt: int = Field(1, ge=1)
     save_every: int = Field(1, ge=1, description="Checkpoint every N epochs.")
@@ -105,6 +122,11 @@ class TrainConfig(BaseSettings):
             raise ValueError(
                 f"samples_per_epoch ({self.samples_per_epoch}) must be a multiple of "
                 f"sample_batch_size ({self.sample_batch_size})"
+            )
+        if self.samples_per_epoch % self.samples_per_prompt:
+            raise ValueError(
+                f"samples_per_epoch ({self.samples_per_epoch}) must be a multiple of "
+                f"samples_per_prompt ({self.samples_per_prompt})"
             )
         return self
 

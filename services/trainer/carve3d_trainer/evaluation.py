@@ -64,7 +64,7 @@ def evaluate_policy(trainer: Trainer, epoch: int) -> dict[str, Any]:
         traj = trainer.policy.sample([prompts[i] for i in idx], noise=noise[idx], generator=step_gen)
         futures.append(trainer.rewards.submit(traj.images, f"run{trainer.run_id}-eval{epoch}-i{idx[0]}", renders=True))
         images.append(traj.images.cpu())
-        kls.append(traj.kl.cpu())
+        kls.append(trainer.kl(traj).cpu())
     results = trainer.rewards.collect(futures)
     index = [i for idx in mine for i in idx]
     image = torch.cat(images) if images else torch.zeros(0)

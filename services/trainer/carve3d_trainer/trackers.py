@@ -2,8 +2,8 @@
 
 A prompt's samples are compared with that prompt's recent samples (a ring
 buffer of ``buffer_size`` values per prompt), so easy and hard prompts
-contribute equally; until a prompt has ``min_count`` values the whole batch's
-statistics stand in. Held as tensors and updated with scatter operations (no
+contribute equally; until a prompt has ``min_count`` values (and at least two:
+one value has no spread) the whole batch's statistics stand in. Held as tensors and updated with scatter operations (no
 Python loop over samples), and saved/restored exactly with the checkpoint.
 """
 
@@ -61,7 +61,7 @@ class PerPromptStatTracker:
             b_mean, b_std = batch_vals.mean(), batch_vals.std(unbiased=False)
         else:
             b_mean, b_std = torch.tensor(0.0, dtype=torch.float64), torch.tensor(1.0, dtype=torch.float64)
-        enough = self.count[ids] >= self.min_count
+        enough = self.count[ids] >= max(self.min_count, 2)  # one value has no spread to normalise by
         mu = torch.where(enough, mean[ids], b_mean)
         sd = torch.where(enough, std[ids], b_std)
         adv = (values - mu) / (sd + _EPS)

@@ -167,7 +167,7 @@ class Trainer:
         if not params:
             raise ConfigError("the policy has no trainable parameters")
         a = config.algorithm
-        self.optimizer = torch.optim.AdamW(params, lr=a.lr, weight_decay=a.weight_decay)
+        self.optimizer = torch.optim.AdamW(params, lr=a.lr, weight_decay=a.weight_decay, betas=(0.9, a.adam_beta2))
         # Several processes: the UNet is wrapped in DDP. Every trainable tensor (the LoRA adapters or the whole
         # UNet) takes part in every forward pass, so DDP's default find_unused_parameters=False is right (and a
         # frozen base is simply not registered). Buffers are not synchronised per forward pass: the UNets
@@ -176,7 +176,11 @@ class Trainer:
         self.policy.unet, self.optimizer = self.acc.prepare(self.policy.unet, self.optimizer)
         if isinstance(self.policy.unet, torch.nn.parallel.DistributedDataParallel):
             self.policy.unet.broadcast_buffers = False
-        per_prompt = math.ceil(config.samples_per_epoch / len(self.train_prompts))
+        per_prompt = (
+            config.samples_per_prompt
+            if config.samples_per_prompt > 1
+            else math.ceil(config.samples_per_epoch / len(self.train_prompts))
+        )
         self.trackers = {
             name: PerPromptStatTracker(
                 a.tracker_buffer * per_prompt, min(a.tracker_min_count * per_prompt, a.tracker_buffer * per_prompt)
@@ -217,11 +221,32 @@ class Trainer:
         return True
 
     # -- one epoch -----------------------------------------------------------------------------------------
+    def round_prompts(self, epoch: int) -> list[str]:
+        """The whole round's prompts, identical on every process (each samples its own slice).
+
+        ``samples_per_prompt`` k > 1: groups of k, taking the prompts in turn from one shuffle of the prompt
+        set per pass (epoch e continues where epoch e - 1 stopped), so every prompt is trained equally often.
+        """
+        cfg, n = self.cfg, len(self.train_prompts)
+        k = cfg.samples_per_prompt
+        if k == 1:
+            gen = torch.Generator().manual_seed(_seed(cfg.seed, "prompts", epoch))
+            return [self.train_prompts[i] for i in torch.randint(n, (cfg.samples_per_epoch,), generator=gen).tolist()]
+        groups = cfg.samples_per_epoch // k
+        first = epoch * groups  # position in the endless sequence of shuffled passes over the prompt set
+        passes = range(first // n, (first + groups - 1) // n + 1)
+        order = torch.cat(
+            [torch.randperm(n, generator=torch.Generator().manual_seed(_seed(cfg.seed, "pass", p))) for p in passes]
+        )
+        picked = order[first - passes[0] * n :][:groups]
+        return [self.train_prompts[i] for i in picked.repeat_interleave(k).tolist()]
+
     def sample_round(self, epoch: int) -> tuple[Trajectory, list[ScoreResult]]:
         """Sample this process's share of the round, scoring each batch while the next is sampled."""
         cfg = self.cfg
         local = cfg.samples_per_epoch // self.world
         batches = local // cfg.sample_batch_size  # a whole number: checked in __init__
+        mine = self.round_prompts(epoch)[self.rank * local : (self.rank + 1) * local]
         gen = torch.Generator().manual_seed(_seed(cfg.seed, "sample", epoch, self.rank))
         trajs, futures = [], []
         from tqdm import tqdm
@@ -233,8 +258,7 @@ class Trainer:
             disable=not (self.progress and self.acc.is_main_process),
         )
         for b in bar:
-            idx = torch.randint(len(self.train_prompts), (cfg.sample_batch_size,), generator=gen)
-            prompts = [self.train_prompts[i] for i in idx.tolist()]
+            prompts = mine[b * cfg.sample_batch_size : (b + 1) * cfg.sample_batch_size]
             self.policy.eval()
             traj = self.policy.sample(prompts, generator=gen, with_reference=True)
             futures.append(self.rewards.submit(traj.images, f"run{self.run_id}-e{epoch}-r{self.rank}-b{b}"))
@@ -247,7 +271,7 @@ class Trainer:
             [r.reward if r.valid and r.reward is not None else math.nan for r in results], dtype=torch.float64
         )
         valid = torch.tensor([r.valid for r in results], dtype=torch.bool)
-        kl = traj.kl.detach().to(torch.float64).cpu()
+        kl = self.kl(traj).detach().to(torch.float64).cpu()
         prompts = list(traj.prompts)
         if self.world > 1:
             # One collective for all three; every process gets every process's rows in rank order, so this
@@ -344,6 +368,20 @@ class Trainer:
             "skipped_steps": skipped,
         }
 
+    def _over_kl(self, kl: float) -> bool:
+        stop = self.cfg.algorithm.kl_stop
+        return stop is not None and kl > stop
+
+    def kl(self, traj: Trajectory) -> Tensor:
+        """Per-sample KL over the steps the policy is trained on (``min_step_sigma``).
+
+        The steps below the floor are nearly deterministic (the last DDIM steps): they act as a fixed
+        decoder, as the VAE does for a latent model, and their log-ratio, scaled by ``1 / sigma^2``,
+        would measure pixel noise rather than the drift of what is drawn (in the demo they outweigh
+        the other steps about 40x).
+        """
+        return traj.kl_over(None if self.cfg.algorithm.min_step_sigma <= 0 else self._trainable_steps(traj.num_steps))
+
     def _trainable_steps(self, steps: int) -> Tensor:
         """Indices of the sampling steps the update may train (``min_step_sigma``; at least the noisiest one)."""
         floor = self.cfg.algorithm.min_step_sigma
@@ -370,7 +408,8 @@ class Trainer:
         waited = self.rewards.wait_seconds
         traj, results = self.sample_round(epoch)
         adv, stats = self.advantages(traj, results)
-        updated = epoch >= self.cfg.algorithm.warmup_epochs
+        # the round's KL is the current model's: past kl_stop, the run ends with this model (no update from it)
+        updated = epoch >= self.cfg.algorithm.warmup_epochs and not self._over_kl(stats["kl_mean"])
         upd = (
             self.update(traj, adv, epoch)
             if updated
@@ -409,7 +448,7 @@ class Trainer:
             stats = self.run_epoch(epoch)
             record = vars(stats)
             last = epoch == cfg.epochs - 1
-            stop = cfg.algorithm.kl_stop is not None and stats.kl_mean > cfg.algorithm.kl_stop
+            stop = self._over_kl(stats.kl_mean)
             # epoch 0 always: with warm-up it is the base model, the reference every later evaluation is read
             # against; and the model a run ends with (last epoch or early stop) always
             if epoch == 0 or (cfg.eval_every and (epoch + 1) % cfg.eval_every == 0) or last or stop:

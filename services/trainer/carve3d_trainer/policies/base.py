@@ -52,9 +52,14 @@ class Trajectory:
     @property
     def kl(self) -> Tensor:
         """Per-sample KL estimate: mean over steps of ``log p_theta - log p_ref`` on the sampled path."""
+        return self.kl_over(None)
+
+    def kl_over(self, steps: Tensor | None) -> Tensor:
+        """:attr:`kl` over the given step indices only (``None``: every step)."""
         if self.ref_log_probs is None:
             raise ValueError("the trajectory was sampled without reference log-probs")
-        return (self.log_probs - self.ref_log_probs).mean(dim=1)
+        ratio = self.log_probs - self.ref_log_probs
+        return (ratio if steps is None else ratio[:, steps.to(ratio.device)]).mean(dim=1)
 
     def select(self, index: Tensor | slice) -> Trajectory:
         """A sub-batch."""
