@@ -243,6 +243,7 @@ def test_kl_stop_ends_the_run_with_the_model_whose_kl_passed_it(tmp_path) -> Non
     final = trainer.policy.trainable_state_dict()
     assert all(torch.equal(final[k], weights[2][k]) for k in final)  # no update from the stopping round
     assert history[-1]["eval_mrc"] is not None  # the model the run ends with is evaluated
+    assert "| none: KL stop |" in (tmp_path / "report.md").read_text()  # not mistaken for a warm-up round
     trainer.close()
 
 

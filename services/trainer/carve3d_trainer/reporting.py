@@ -73,7 +73,7 @@ class EpochLogger:
                 return "-".rjust(width)
             return format(value, spec).rjust(width)
 
-        note = "" if record.get("updated", True) else "  (warm-up: trackers only)"
+        note = "" if record.get("updated", True) else f"  ({_no_update(record)})"
         self.console.print(
             f"{epoch:>5} {fmt('reward_mean', 9)} {fmt('mrc_mean', 8)} {fmt('kl_mean', 9, '.2e')} "
             f"{fmt('eval_mrc', 9)} {fmt('eval_alignment', 6, '.1f')} "
@@ -208,7 +208,8 @@ def write_report(
     lines = [
         f"| {h['epoch']} | {_fmt(h.get('mrc_mean'), '.4f')} | {_fmt(h.get('kl_mean'), '.3e')} | "
         f"{_fmt(h.get('eval_mrc'), '.4f')} | {_fmt(h.get('eval_alignment'), '.1f')} | "
-        f"{_fmt(h.get('eval_diversity'), '.4f')} | {h.get('invalid', 0)} | {'yes' if h.get('updated') else 'warm-up'} |"
+        f"{_fmt(h.get('eval_diversity'), '.4f')} | {h.get('invalid', 0)} | "
+        f"{'yes' if h.get('updated') else _no_update(h)} |"
         for h in history
     ]
     text = (
@@ -293,3 +294,8 @@ def compare_runs(runs: dict[str, Path], out: Path) -> Path:
     fig.savefig(out, dpi=110)
     plt.close(fig)
     return out
+
+
+def _no_update(record: dict[str, Any]) -> str:
+    """Why a round made no update: the KL stop (that round measured the model it ends with) or warm-up."""
+    return "none: KL stop" if record.get("stopped_early") else "warm-up: trackers only"

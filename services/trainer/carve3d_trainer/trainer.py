@@ -449,6 +449,8 @@ class Trainer:
             record = vars(stats)
             last = epoch == cfg.epochs - 1
             stop = self._over_kl(stats.kl_mean)
+            if stop:
+                record["stopped_early"] = True  # before the checkpoint and the report, which both show it
             # epoch 0 always: with warm-up it is the base model, the reference every later evaluation is read
             # against; and the model a run ends with (last epoch or early stop) always
             if epoch == 0 or (cfg.eval_every and (epoch + 1) % cfg.eval_every == 0) or last or stop:
@@ -470,7 +472,6 @@ class Trainer:
             logger.log(record)
             if stop:
                 log.warning("KL %.4g passed the threshold %.4g: stopping early", stats.kl_mean, cfg.algorithm.kl_stop)
-                record["stopped_early"] = True
                 break
         logger.close()
         return self.state.history
