@@ -48,7 +48,7 @@ DEMO_SETTINGS: dict[str, Any] = {
     "algorithm.train_batch_size": 16,
     "algorithm.grad_accum": 1,  # an optimiser step per 16 samples: two per round
     "algorithm.lr": 1e-2,
-    "algorithm.adam_beta2": 0.99,  # with 0.999 runs broke after 15-20 steps (runs K, N, S, T)
+    "algorithm.adam_beta2": 0.99,  # 0.999 broke after 15-20 steps (runs K, N, S, T); 0.99: run V
     "algorithm.warmup_epochs": 1,
     "algorithm.kl_stop": 0.01,  # content drift (alignment -18 points) came at KL 0.008-0.013 (run R)
 }
