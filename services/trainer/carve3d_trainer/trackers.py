@@ -3,8 +3,9 @@
 A prompt's samples are compared with that prompt's recent samples (a ring
 buffer of ``buffer_size`` values per prompt), so easy and hard prompts
 contribute equally; until a prompt has ``min_count`` values (and at least two:
-one value has no spread) the whole batch's statistics stand in. Held as tensors and updated with scatter operations (no
-Python loop over samples), and saved/restored exactly with the checkpoint.
+one value has no spread) the whole batch's statistics stand in. Held as
+tensors and updated with scatter operations (no Python loop over samples), and
+saved/restored exactly with the checkpoint.
 """
 
 from __future__ import annotations

@@ -380,7 +380,7 @@ class Trainer:
         would measure pixel noise rather than the drift of what is drawn (in the demo they outweigh
         the other steps about 40x).
         """
-        return traj.kl_over(None if self.cfg.algorithm.min_step_sigma <= 0 else self._trainable_steps(traj.num_steps))
+        return traj.kl_over(self._trainable_steps(traj.num_steps))
 
     def _trainable_steps(self, steps: int) -> Tensor:
         """Indices of the sampling steps the update may train (``min_step_sigma``; at least the noisiest one)."""
