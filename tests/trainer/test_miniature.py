@@ -54,9 +54,10 @@ def test_shipped_model_samples_deterministically_and_follows_the_prompt() -> Non
     assert torch.equal(first, again)
     assert not torch.equal(first, other)
     first = draw(7)
-    # stopped early, it gets colours only partly right, but far more often than under other prompts' colours
+    # stopped early, it still draws most prompts' colours, and far more often than other prompts' colours
     rotated = prompts[3:] + prompts[:3]
-    assert aligned(first, prompts).float().mean() >= aligned(first, rotated).float().mean() + 0.2
+    assert aligned(first, prompts).float().mean() >= 0.5
+    assert aligned(first, prompts).float().mean() >= aligned(first, rotated).float().mean() + 0.4
 
 
 def test_missing_weights_are_a_clear_error(tmp_path: Path) -> None:

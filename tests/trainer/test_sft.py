@@ -3,17 +3,19 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import random
 from pathlib import Path
 
 import torch
+from PIL import Image
 
 from carve3d_reward.synthetic import BOX, CHECKER, CYLINDER, ELLIPSOID, STRIPES
 from carve3d_trainer.cli import main
 from carve3d_trainer.policies.base import SamplingConfig
-from carve3d_trainer.policies.tiny import TinyGridPolicy
+from carve3d_trainer.policies.tiny import TinyConfig, TinyGridPolicy
 from carve3d_trainer.prompts import load_prompts
-from carve3d_trainer.sft import diffusion_loss, train_sft
+from carve3d_trainer.sft import SAMPLE_PROMPTS, diffusion_loss, train_sft
 from carve3d_trainer.sft_data import COLOURS, parse_prompt, random_prompt, scene_from_prompt, sft_batch
 
 from .test_trainer import MICRO
@@ -128,11 +130,36 @@ def test_cli_writes_weights_and_a_loss_curve(tmp_path: Path, capsys) -> None:
     args = ["sft", "--out", str(out), "--steps", "2", "--batch-size", "2", "--seed", "0", "--image-size", "16"]
     assert main([*args, "--no-progress", "--prompts", "builtin:shapes-train"]) == 0
     assert "final loss" in capsys.readouterr().out
-    for name in ("config.json", "model.safetensors", "loss.png", "README.md"):
+    for name in ("config.json", "model.safetensors", "loss.png", "samples.png", "README.md"):
         assert (out / name).stat().st_size > 0
+    with Image.open(out / "samples.png") as strip:  # one 16 px grid per held-out prompt, side by side
+        assert strip.size == (16 * SAMPLE_PROMPTS, 16)
     card = (out / "README.md").read_text()
+    assert "![samples](samples.png)" in card
     assert hashlib.sha256((out / "model.safetensors").read_bytes()).hexdigest() in card
     assert "--steps 2 --batch-size 2 --seed 0 --image-size 16" in card and "--prompts builtin:shapes-train" in card
     policy = TinyGridPolicy.from_pretrained(out, sampling=SamplingConfig(num_steps=2, guidance_scale=3.0))
     traj = policy.sample(["a red sphere"], generator=torch.Generator().manual_seed(0), with_reference=False)
     assert traj.images.shape == (1, 3, 16, 16) and torch.isfinite(traj.images).all()
+
+
+def test_pooled_prompt_embedding_reaches_the_unet_and_old_configs_load_without_it(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    policy = TinyGridPolicy(MICRO)
+    cond, uncond = policy.encode_prompts(["a red cube", "a blue sphere next to a green box"])
+    assert cond["class_labels"].shape == (2, MICRO.text_dim)
+    assert torch.equal(uncond["class_labels"], torch.zeros_like(uncond["class_labels"]))  # "" pools to nothing
+    # the pooled vector alone changes the prediction: it is added to the timestep embedding
+    x, t = torch.randn(2, 3, MICRO.image_size, MICRO.image_size), torch.tensor([500, 500])
+    hidden = cond["encoder_hidden_states"]
+    with torch.no_grad():
+        a = policy.unet(x, t, encoder_hidden_states=hidden, class_labels=cond["class_labels"]).sample
+        b = policy.unet(x, t, encoder_hidden_states=hidden, class_labels=uncond["class_labels"]).sample
+    assert (a - b).abs().max() > 1e-3
+    # weights saved before the option existed (no "pooled_text" in config.json) load as they were made
+    policy.save_pretrained(tmp_path / "new")
+    raw = json.loads((tmp_path / "new" / "config.json").read_text())
+    assert raw["pooled_text"] is True
+    del raw["pooled_text"]
+    assert TinyConfig.from_json(json.dumps(raw)).pooled_text is False
+    assert "class_labels" not in TinyGridPolicy(TinyConfig.from_json(json.dumps(raw))).encode_prompts(["a cube"])[0]

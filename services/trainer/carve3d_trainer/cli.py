@@ -116,9 +116,10 @@ def cmd_prompts(args: argparse.Namespace) -> int:
 def cmd_sft(args: argparse.Namespace) -> int:
     import torch
 
+    from .policies.base import SamplingConfig
     from .policies.tiny import TinyConfig, TinyGridPolicy
-    from .prompts import load_prompts
-    from .sft import plot_losses, train_sft, write_model_card
+    from .prompts import BUILTIN_PREFIX, load_prompts
+    from .sft import SAMPLE_PROMPTS, plot_losses, sample_strip, train_sft, write_model_card
 
     if args.steps < 1 or args.batch_size < 1:
         raise ConfigError(f"--steps and --batch-size must be >= 1, got {args.steps} and {args.batch_size}")
@@ -140,11 +141,14 @@ def cmd_sft(args: argparse.Namespace) -> int:
         progress=not args.no_progress,
     )
     plot_losses(losses, args.out / "loss.png")
+    sampling = SamplingConfig(num_steps=10, guidance_scale=3.0)  # the demo's sampling
+    card_policy = TinyGridPolicy.from_pretrained(args.out, sampling=sampling)
+    sample_strip(card_policy, load_prompts(f"{BUILTIN_PREFIX}shapes-test")[:SAMPLE_PROMPTS], args.out / "samples.png")
     command = (
         f"carve3d-train sft --out {args.out} --steps {args.steps} --batch-size {args.batch_size} --seed {args.seed} "
         f"--image-size {args.image_size} --lr {args.lr:g}" + (f" --prompts {args.prompts}" if args.prompts else "")
     )
-    write_model_card(args.out, command, losses, time.perf_counter() - start)
+    write_model_card(args.out, command, losses, time.perf_counter() - start, sampling)
     tail = losses[-max(1, len(losses) // 10) :]
     print(f"sft: {len(losses)} steps, final loss {sum(tail) / len(tail):.4f}; weights in {args.out}")
     return 0

@@ -44,7 +44,7 @@ DEMO_SETTINGS: dict[str, Any] = {
     "policy.guidance_scale": 3.0,
     "policy.lora_rank": 8,  # the UNet's attention is where the four views see each other
     "algorithm.min_step_sigma": 0.05,  # the last two steps act as a fixed decoder (update and KL)
-    "algorithm.beta": 0.5,  # 0.2 let every prompt drift to the easiest content (runs Q, R)
+    "algorithm.beta": 0.1,  # 0.5 broke 2 runs of 2 on this model (runs W0, W1); 0.1: X1 (docs/experiments.md)
     "algorithm.train_batch_size": 16,
     "algorithm.grad_accum": 1,  # an optimiser step per 16 samples: two per round
     "algorithm.lr": 1e-2,

@@ -21,8 +21,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .policies.base import SamplingConfig, unet_kwargs
 from .policies.tiny import TinyGridPolicy
 from .sft_data import item_seed, random_prompt, sft_batch
+
+#: How many held-out prompts the model card's sample strip shows.
+SAMPLE_PROMPTS = 8
 
 
 def diffusion_loss(
@@ -33,8 +37,8 @@ def diffusion_loss(
     x0, noise, timesteps = x0.to(device), noise.to(device), timesteps.to(device)
     a = policy.alphas_cumprod.to(device)[timesteps].to(torch.float32).view(-1, 1, 1, 1)
     x_t = a.sqrt() * x0 + (1.0 - a).sqrt() * noise
-    cond = policy.text_encoder(list(prompts))
-    pred = policy.unet(x_t.to(policy.unet_dtype), timesteps, encoder_hidden_states=cond).sample
+    cond = unet_kwargs(policy.conditioning(list(prompts)))
+    pred = policy.unet(x_t.to(policy.unet_dtype), timesteps, **cond).sample
     target = {"epsilon": noise, "v_prediction": a.sqrt() * noise - (1.0 - a).sqrt() * x0, "sample": x0}
     return F.mse_loss(pred.to(torch.float32), target[policy.prediction_type])
 
@@ -149,7 +153,24 @@ def plot_losses(losses: Sequence[float], path: Path) -> Path:
     return path
 
 
-def write_model_card(folder: Path, command: str, losses: Sequence[float], seconds: float) -> Path:
+def sample_strip(policy: TinyGridPolicy, prompts: Sequence[str], path: Path, *, seed: int = 0) -> Path:
+    """One sampled grid per prompt, side by side, as a PNG: what the weights draw, for the model card."""
+    from PIL import Image
+
+    with torch.no_grad():
+        images = policy.sample(
+            list(prompts), generator=torch.Generator().manual_seed(seed), with_reference=False
+        ).images
+    strip = torch.cat(list(images.clamp(0, 1)), dim=2)  # [3, H, n * W]
+    pixels = (strip * 255).round().to(torch.uint8).permute(1, 2, 0).cpu().numpy()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(pixels).save(path)
+    return path
+
+
+def write_model_card(
+    folder: Path, command: str, losses: Sequence[float], seconds: float, sampling: SamplingConfig | None = None
+) -> Path:
     """``README.md`` beside the weights: how they were made and the SHA-256 of the file it describes."""
     import hashlib
     import json
@@ -170,6 +191,11 @@ def write_model_card(folder: Path, command: str, losses: Sequence[float], second
         f"- `model.safetensors` SHA-256: `{digest}`\n"
         "- loss curve: `loss.png`\n"
     )
+    if sampling is not None and (folder / "samples.png").is_file():
+        text += (
+            f"- samples (`samples.png`: {sampling.num_steps} DDIM steps, guidance {sampling.guidance_scale:g}, "
+            f"seed 0, one grid for each of the first {SAMPLE_PROMPTS} held-out prompts):\n\n![samples](samples.png)\n"
+        )
     path = folder / "README.md"
     path.write_text(text)
     return path

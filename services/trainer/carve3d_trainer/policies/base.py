@@ -22,7 +22,7 @@ from torch import Tensor, nn
 from ..ddim import DDIMSchedule, ddim_step
 
 #: Conditioning passed to the UNet: ``encoder_hidden_states`` plus model-specific extras (SDXL's
-#: ``added_cond_kwargs``), every tensor with the batch first.
+#: ``added_cond_kwargs`` as ``added.<name>``, a pooled ``class_labels``), every tensor with the batch first.
 Conditioning = dict[str, Tensor]
 
 LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
@@ -192,7 +192,7 @@ class DiffusionPolicy(nn.Module, ABC):
         t = self.schedule.timesteps[step].to(x_t.device)
         x_in = torch.cat([x_t, x_t])
         merged = {k: torch.cat([uncond[k], cond[k]]) for k in cond}
-        kwargs = _unet_kwargs(merged)
+        kwargs = unet_kwargs(merged)
         out = unet(x_in.to(self.unet_dtype), t, **kwargs).sample.to(torch.float32)
         out_u, out_c = out.chunk(2)
         guided = out_u + self.sampling.guidance_scale * (out_c - out_u)  # linear: guide, then convert
@@ -260,8 +260,11 @@ class DiffusionPolicy(nn.Module, ABC):
         return ddim_step(self.schedule, step, x_t, eps, prev_sample=x_prev)[1]
 
 
-def _unet_kwargs(cond: Conditioning) -> dict[str, object]:
+def unet_kwargs(cond: Conditioning) -> dict[str, object]:
+    """The keyword arguments of a diffusers UNet's ``forward`` for ``cond``."""
     kwargs: dict[str, object] = {"encoder_hidden_states": cond["encoder_hidden_states"]}
+    if "class_labels" in cond:
+        kwargs["class_labels"] = cond["class_labels"]
     added = {k.removeprefix("added."): v for k, v in cond.items() if k.startswith("added.")}
     if added:
         kwargs["added_cond_kwargs"] = added
