@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import random
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -145,7 +146,7 @@ def test_cli_writes_weights_and_a_loss_curve(tmp_path: Path, capsys) -> None:
 
 def test_pooled_prompt_embedding_reaches_the_unet_and_old_configs_load_without_it(tmp_path: Path) -> None:
     torch.manual_seed(0)
-    policy = TinyGridPolicy(MICRO)
+    policy = TinyGridPolicy(replace(MICRO, pooled_text=True))
     cond, uncond = policy.encode_prompts(["a red cube", "a blue sphere next to a green box"])
     assert cond["class_labels"].shape == (2, MICRO.text_dim)
     assert torch.equal(uncond["class_labels"], torch.zeros_like(uncond["class_labels"]))  # "" pools to nothing
