@@ -23,6 +23,7 @@ from torch import Tensor
 
 from .policies.base import SamplingConfig, unet_kwargs
 from .policies.tiny import TinyGridPolicy
+from .rewards import to_uint8_grids
 from .sft_data import item_seed, random_prompt, sft_batch
 
 #: How many held-out prompts the model card's sample strip shows.
@@ -161,10 +162,9 @@ def sample_strip(policy: TinyGridPolicy, prompts: Sequence[str], path: Path, *, 
         images = policy.sample(
             list(prompts), generator=torch.Generator().manual_seed(seed), with_reference=False
         ).images
-    strip = torch.cat(list(images.clamp(0, 1)), dim=2)  # [3, H, n * W]
-    pixels = (strip * 255).round().to(torch.uint8).permute(1, 2, 0).cpu().numpy()
+    strip = torch.cat(list(to_uint8_grids(images)), dim=1)  # [H, n * W, 3]
     path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(pixels).save(path)
+    Image.fromarray(strip.numpy()).save(path)
     return path
 
 

@@ -85,15 +85,14 @@ class HashedTextEncoder(nn.Module):
         return ids
 
     def forward(self, prompts: list[str]) -> Tensor:
-        ids = self.token_ids(prompts).to(self.positions.device)
-        mask = (ids != self.buckets).unsqueeze(-1).to(self.positions.dtype)
-        return self.words(ids) + self.positions * mask
+        return self.encode(prompts)[0]
 
-    def pooled(self, prompts: list[str]) -> Tensor:
-        """``[B, dim]``: the mean embedding of the prompt's words (zeros for the empty prompt)."""
+    def encode(self, prompts: list[str]) -> tuple[Tensor, Tensor]:
+        """The per-word states and ``[B, dim]``: the mean embedding of the prompt's words (zeros for ``""``)."""
         ids = self.token_ids(prompts).to(self.positions.device)
         mask = (ids != self.buckets).unsqueeze(-1).to(self.positions.dtype)
-        return (self.words(ids) * mask).sum(1) / mask.sum(1).clamp_min(1.0)
+        words = self.words(ids)
+        return words + self.positions * mask, (words * mask).sum(1) / mask.sum(1).clamp_min(1.0)
 
 
 def resolve_weights(spec: str | Path) -> Path:
@@ -154,9 +153,10 @@ class TinyGridPolicy(DiffusionPolicy):
 
     def conditioning(self, prompts: list[str]) -> Conditioning:
         """The UNet's conditioning for ``prompts`` (``""``: the unconditional one)."""
-        cond = {"encoder_hidden_states": self.text_encoder(prompts)}
+        hidden, pooled = self.text_encoder.encode(prompts)  # the prompts are hashed once for both
+        cond = {"encoder_hidden_states": hidden}
         if self.config.pooled_text:
-            cond["class_labels"] = self.text_encoder.pooled(prompts)
+            cond["class_labels"] = pooled
         return cond
 
     def encode_prompts(self, prompts: list[str]) -> tuple[Conditioning, Conditioning]:
