@@ -114,10 +114,9 @@ def test_one_update_raises_the_likelihood_of_high_advantage_samples(tmp_path) ->
 
 
 def test_policy_gradient_moves_the_reward_up(tmp_path) -> None:
-    # 64 samples a round: with 16 the score-function estimate of this random-init model is so noisy that the
-    # reward fell in 3 of 5 run seeds (the first-order gain of a step is then smaller than the loss its size
-    # costs at second order); with 64 it rose for each of 3 initialisations (docs/experiments.md, "The
-    # micro-model policy-gradient check").
+    # 64 samples a round: with 16 the score-function estimate of this random-init model points up or down by
+    # the draw, and the reward fell in 3 of 5 run seeds; with 64 it rose for 3 initialisations of 3 and 5 seeds
+    # of 5 (docs/experiments.md, "The micro-model policy-gradient check"; tests/trainer/pg_check.py).
     trainer = make_trainer(
         tmp_path,
         epochs=7,
