@@ -19,6 +19,7 @@ import torch
 from torch import Tensor
 
 from carve3d_trainer.config import load_config
+from carve3d_trainer.ddim import ddim_mean
 from carve3d_trainer.policies.base import Trajectory
 from carve3d_trainer.policies.tiny import TinyGridPolicy
 from carve3d_trainer.trainer import Trainer
@@ -75,14 +76,9 @@ def pathwise_gradient(trainer: Trainer, prompts: list[str], seed: int) -> list[T
     gen = torch.Generator().manual_seed(seed)
     cond, uncond = policy.encode_prompts(prompts)
     x = torch.randn((len(prompts), *policy.latent_shape()), generator=gen)
-    sigmas = schedule.sigmas()
     for i in range(len(schedule)):
-        eps = policy.predict_eps(policy.unet, x, i, cond, uncond)
-        a_t, a_prev = (float(a[0]) for a in schedule.alphas(torch.tensor([i])))
-        sigma = float(sigmas[i])
-        x0 = (x - math.sqrt(1 - a_t) * eps) / math.sqrt(a_t)
-        x = math.sqrt(a_prev) * x0 + math.sqrt(max(1 - a_prev - sigma**2, 0.0)) * eps
-        x = x + sigma * torch.randn(x.shape, generator=gen)
+        mean, sigma = ddim_mean(schedule, i, x, policy.predict_eps(policy.unet, x, i, cond, uncond))
+        x = mean + sigma * torch.randn(x.shape, generator=gen)
     params = policy.trainable_parameters()
     return list(torch.autograd.grad(policy.decode(x).clamp(0, 1).mean(), params, allow_unused=True))
 

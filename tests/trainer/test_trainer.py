@@ -132,7 +132,7 @@ def test_policy_gradient_moves_the_reward_up(tmp_path) -> None:
     )
     history = trainer.train()
     rewards = [h["reward_mean"] for h in history]
-    assert rewards[-1] > rewards[0] + 0.01, [round(r, 4) for r in rewards]  # the round's standard error: 0.001
+    assert rewards[-1] > rewards[0] + 0.02, [round(r, 4) for r in rewards]
     assert all(h["skipped_steps"] == 0 for h in history)
     assert history[0]["updated"] is False and history[1]["optimizer_steps"] == 1  # pure on-policy: 1 step/round
     assert (tmp_path / "report.md").exists() and (tmp_path / "curves.png").exists()

@@ -95,6 +95,25 @@ def _bcast(v: Tensor, like: Tensor) -> Tensor:
     return v.to(like.device, torch.float32).reshape(-1, *([1] * (like.ndim - 1)))
 
 
+def ddim_mean(schedule: DDIMSchedule, step: int | Tensor, x_t: Tensor, eps: Tensor) -> tuple[Tensor, Tensor]:
+    """The Gaussian of one DDIM step: ``(mu, sigma)``, float32, ``sigma`` broadcastable against ``x_t``.
+
+    Differentiable in ``eps``: :func:`ddim_step` builds on it, and so can a
+    reparameterised sampler (``x_prev = mu + sigma z``) that backpropagates
+    through the chain.
+    """
+    b = x_t.shape[0]
+    step_t = torch.full((b,), int(step)) if isinstance(step, int) else step.reshape(-1).expand(b)
+    a_t, a_prev = schedule.alphas(step_t)
+    var = (1 - a_prev) / (1 - a_t) * (1 - a_t / a_prev)
+    sigma = schedule.eta * var.clamp_min(0).sqrt()
+    x_t32, eps32 = x_t.to(torch.float32), eps.to(torch.float32)
+    a_t_, a_prev_, sigma_ = _bcast(a_t, x_t32), _bcast(a_prev, x_t32), _bcast(sigma, x_t32)
+    x0_hat = (x_t32 - (1 - a_t_).sqrt() * eps32) / a_t_.sqrt()
+    direction = (1 - a_prev_ - sigma_**2).clamp_min(0).sqrt() * eps32
+    return a_prev_.sqrt() * x0_hat + direction, sigma_
+
+
 def ddim_step(
     schedule: DDIMSchedule,
     step: int | Tensor,
@@ -110,24 +129,15 @@ def ddim_step(
     of that given ``x_prev`` under the current ``eps`` (the RL training pass).
     ``step`` is the index into ``schedule.timesteps`` (an int, or ``[B]``).
     """
-    b = x_t.shape[0]
-    step_t = torch.full((b,), int(step)) if isinstance(step, int) else step.reshape(-1).expand(b)
-    a_t, a_prev = schedule.alphas(step_t)
-    var = (1 - a_prev) / (1 - a_t) * (1 - a_t / a_prev)
-    sigma = schedule.eta * var.clamp_min(0).sqrt()
-    x_t32, eps32 = x_t.to(torch.float32), eps.to(torch.float32)
-    a_t_, a_prev_, sigma_ = _bcast(a_t, x_t32), _bcast(a_prev, x_t32), _bcast(sigma, x_t32)
-    x0_hat = (x_t32 - (1 - a_t_).sqrt() * eps32) / a_t_.sqrt()
-    direction = (1 - a_prev_ - sigma_**2).clamp_min(0).sqrt() * eps32
-    mean = a_prev_.sqrt() * x0_hat + direction
+    mean, sigma = ddim_mean(schedule, step, x_t, eps)
     if prev_sample is None:
         if (sigma == 0).any():
             raise ValueError(
                 "this step has zero variance (eta = 0, or a final step at t = 0): it has no log-prob; use eta > 0 "
                 "and a timestep offset"
             )
-        noise = torch.randn(x_t32.shape, generator=generator, device="cpu" if generator is None else generator.device)
-        prev_sample = mean + sigma_ * noise.to(x_t32.device)
+        noise = torch.randn(mean.shape, generator=generator, device="cpu" if generator is None else generator.device)
+        prev_sample = mean + sigma * noise.to(mean.device)
     prev32 = prev_sample.to(torch.float32).detach()
-    log_prob = -((prev32 - mean) ** 2) / (2 * sigma_**2) - torch.log(sigma_) - 0.5 * math.log(2 * math.pi)
+    log_prob = -((prev32 - mean) ** 2) / (2 * sigma**2) - torch.log(sigma) - 0.5 * math.log(2 * math.pi)
     return prev32, log_prob.mean(dim=tuple(range(1, log_prob.ndim)))
