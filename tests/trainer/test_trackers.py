@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from carve3d_trainer.trackers import PerPromptStatTracker, compose_advantages
+from carve3d_trainer.trackers import PerPromptStatTracker, compose_advantages, weigh_kl_advantage
 
 
 def test_normalises_against_each_prompts_own_history() -> None:
@@ -62,6 +62,14 @@ def test_compose_advantages() -> None:
     out = compose_advantages(a_r, a_kl, alpha=1.0, beta=0.2, clip=5.0)
     torch.testing.assert_close(out, torch.tensor([0.6, -2.0, 5.0]))
     assert compose_advantages(a_r, a_kl, beta=0.0)[0] == 1.0
+
+
+def test_kl_budget_weighs_the_kl_advantage_by_the_distance_from_the_reference() -> None:
+    a_kl = torch.tensor([1.0, -1.0, 0.5])
+    assert torch.equal(weigh_kl_advantage(a_kl, 1e-4, None), a_kl)  # the paper's, whatever the KL
+    torch.testing.assert_close(weigh_kl_advantage(a_kl, 0.0025, 0.01), a_kl * 0.5)  # sqrt(1/4)
+    torch.testing.assert_close(weigh_kl_advantage(a_kl, 0.04, 0.01), a_kl)  # from the budget on: the paper's
+    assert torch.equal(weigh_kl_advantage(a_kl, -1e-6, 0.01), torch.zeros(3))  # a KL estimate below 0: no pull
 
 
 def test_a_single_value_is_normalised_by_the_batch_not_by_itself() -> None:

@@ -16,6 +16,7 @@ from carve3d_trainer.config import load_config
 from carve3d_trainer.policies.base import SamplingConfig
 from carve3d_trainer.policies.tiny import TinyConfig, TinyGridPolicy
 from carve3d_trainer.rewards import RewardBackend
+from carve3d_trainer.trackers import PerPromptStatTracker
 from carve3d_trainer.trainer import Trainer
 
 MICRO = TinyConfig(
@@ -148,6 +149,30 @@ def test_invalid_samples_get_no_advantage(tmp_path) -> None:
     assert math.isfinite(stats["reward_mean"])
 
 
+def test_kl_budget_reaches_the_advantages(tmp_path) -> None:
+    """Far below its budget the KL barely counts; without a budget it counts as the paper's (per prompt)."""
+    trainer = make_trainer(tmp_path, **{"algorithm.beta": 0.5})
+    with torch.no_grad():  # move the adapters: the samples' KLs differ from 0 and from each other
+        for name, p in trainer.policy.unet.named_parameters():
+            if "lora_B" in name:
+                p.add_(0.05)
+    traj, results = trainer.sample_round(0)
+
+    def advantages() -> Tensor:  # from fresh trackers: the same statistics every time
+        trainer.trackers = {k: PerPromptStatTracker(t.buffer_size, t.min_count) for k, t in trainer.trackers.items()}
+        return trainer.advantages(traj, results)[0]
+
+    paper = advantages()
+    stats = trainer.advantages(traj, results)[1]
+    trainer.cfg.algorithm.kl_budget = stats["kl_mean"] * 1e6  # weight sqrt(1e-6)
+    weighed = advantages()
+    trainer.cfg.algorithm.beta = 0.0
+    reward_only = advantages()
+    assert stats["kl_mean"] > 0
+    assert (paper - reward_only).abs().max() > 0.05
+    torch.testing.assert_close(weighed, reward_only, atol=5e-3, rtol=0)
+
+
 def test_non_finite_loss_skips_the_step_and_keeps_weights(tmp_path, monkeypatch) -> None:
     trainer = make_trainer(tmp_path, epochs=2, **{"algorithm.warmup_epochs": 0})
     before = {k: v.clone() for k, v in trainer.policy.trainable_state_dict().items()}
@@ -234,6 +259,19 @@ def test_samples_per_prompt_groups_each_round_and_visits_every_prompt_equally(tm
     with pytest.raises(ConfigError, match="samples_per_prompt"):
         load_config(None, {"samples_per_epoch": 8, "samples_per_prompt": 3, "sample_batch_size": 4})
     trainer.close()
+
+
+def test_without_warm_up_epoch_0_still_evaluates_the_base_model(tmp_path) -> None:
+    """Round 0 updates (warmup_epochs = 0), but its evaluation, the base every report compares with, is taken first."""
+    from carve3d_trainer.reporting import before_after
+
+    trainer = make_trainer(tmp_path, epochs=2, **{"eval_samples_per_prompt": 1, "algorithm.warmup_epochs": 0})
+    history = trainer.train()
+    assert history[0]["updated"] and history[0]["eval_before_update"]
+    assert history[0]["eval_kl"] == 0.0  # the LoRA adapters start at zero: the base model is the reference
+    assert history[-1]["eval_kl"] > 0.0 and not history[-1]["eval_before_update"]
+    summary = before_after(history)
+    assert summary is not None and summary["base_epoch"] == 0 and summary["final_epoch"] == 1
 
 
 def test_kl_stop_ends_the_run_with_the_model_whose_kl_passed_it(tmp_path) -> None:

@@ -39,6 +39,14 @@ class AlgorithmConfig(BaseModel):
     method: Literal["reinforce", "ppo"] = Field("reinforce", description="DDPO-SF (paper) or DDPO-IS with PPO clip.")
     alpha: float = Field(1.0, description="Weight of the reward advantage.")
     beta: float = Field(0.2, ge=0.0, description="Weight of the normalised KL advantage.")
+    kl_budget: float | None = Field(
+        None,
+        gt=0.0,
+        description="None (the paper): the KL advantage is normalised per prompt like the reward's, so it has "
+        "unit spread however small the KL and pulls toward the reference as hard at KL 1e-4 as at 1e-2. "
+        "A number: weight it by sqrt(round's mean KL / kl_budget), at most 1, so that the pull grows with "
+        "the distance from the reference, as a KL penalty's does, and is the paper's from the budget on.",
+    )
     adv_clip: float = Field(5.0, gt=0.0, description="Advantages are clipped to +-adv_clip.")
     ppo_clip: float = Field(1e-4, gt=0.0, description="PPO ratio clip range (method ppo).")
     ppo_epochs: int = Field(1, ge=1, description="Optimisation passes per sampling round (method ppo).")

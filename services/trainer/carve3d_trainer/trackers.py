@@ -10,6 +10,7 @@ saved/restored exactly with the checkpoint.
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
@@ -118,6 +119,18 @@ class PerPromptStatTracker:
         return f"PerPromptStatTracker(prompts={n}, buffer={self.buffer_size}, min_count={self.min_count})"
 
 
+def weigh_kl_advantage(kl_adv: Tensor, kl_mean: float, budget: float | None) -> Tensor:
+    """The per-prompt normalised KL advantage times ``sqrt(kl_mean / budget)``, at most 1 (``budget`` None: as is).
+
+    Normalised per prompt, the KL advantage has unit spread however small the KL: it pulls toward the
+    reference as hard at KL 1e-4 as at 1e-2. Weighted, the pull grows with the distance from the reference,
+    as a KL penalty's does, and is the paper's from the budget on.
+    """
+    if budget is None:
+        return kl_adv
+    return kl_adv * math.sqrt(min(1.0, max(0.0, kl_mean) / budget))
+
+
 def compose_advantages(
     reward_adv: Tensor, kl_adv: Tensor, *, alpha: float = 1.0, beta: float = 0.2, clip: float = 5.0
 ) -> Tensor:
@@ -125,4 +138,4 @@ def compose_advantages(
     return (alpha * reward_adv - beta * kl_adv).clamp(-clip, clip)
 
 
-__all__ = ["PerPromptStatTracker", "compose_advantages"]
+__all__ = ["PerPromptStatTracker", "compose_advantages", "weigh_kl_advantage"]

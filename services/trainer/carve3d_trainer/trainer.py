@@ -56,7 +56,7 @@ from .policies.base import DiffusionPolicy, SamplingConfig, Trajectory
 from .prompts import load_prompts
 from .reporting import Targets
 from .rewards import RewardBackend, build_rewards
-from .trackers import PerPromptStatTracker, compose_advantages
+from .trackers import PerPromptStatTracker, compose_advantages, weigh_kl_advantage
 
 log = logging.getLogger("carve3d_trainer")
 
@@ -287,6 +287,8 @@ class Trainer:
         a = self.cfg.algorithm
         adv_r = self.trackers["reward"].update(prompts, reward, valid)
         adv_kl = self.trackers["kl"].update(prompts, kl, valid)
+        if bool(valid.any()):
+            adv_kl = weigh_kl_advantage(adv_kl, float(kl[valid].mean()), a.kl_budget)
         adv = compose_advantages(adv_r, adv_kl, alpha=a.alpha, beta=a.beta, clip=a.adv_clip) * valid
         n = len(traj)
         local = adv[self.rank * n : (self.rank + 1) * n].to(torch.float32)
@@ -445,17 +447,20 @@ class Trainer:
             self.state.metric_id = self.rewards.metric_id()
         logger = EpochLogger(self, enabled=self.acc.is_main_process)
         for epoch in range(self.state.epoch, cfg.epochs):
+            # epoch 0's evaluation is the base model's, taken before round 0 can update it (warmup_epochs = 0):
+            # the reference every later evaluation is read against
+            base = self.evaluate(epoch) if epoch == 0 else None
             stats = self.run_epoch(epoch)
             record = vars(stats)
             last = epoch == cfg.epochs - 1
             stop = self._over_kl(stats.kl_mean)
             if stop:
                 record["stopped_early"] = True  # before the checkpoint and the report, which both show it
-            # epoch 0 always: with warm-up it is the base model, the reference every later evaluation is read
-            # against; and the model a run ends with (last epoch or early stop) always
-            if epoch == 0 or (cfg.eval_every and (epoch + 1) % cfg.eval_every == 0) or last or stop:
-                ev = self.evaluate(epoch)
+            # and the model a run ends with (last epoch or early stop) always
+            if base is not None or (cfg.eval_every and (epoch + 1) % cfg.eval_every == 0) or last or stop:
+                ev = base or self.evaluate(epoch)
                 record |= {f"eval_{k}": ev[k] for k in ("mrc", "mrc_se", "kl", "invalid", "alignment", "diversity")}
+                record["eval_before_update"] = base is not None
             self.state.history.append(record)
             self.state.epoch = epoch + 1
             if self.acc.is_main_process and ((epoch + 1) % cfg.save_every == 0 or last or stop):
