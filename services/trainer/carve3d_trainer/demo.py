@@ -47,7 +47,7 @@ DEMO_SETTINGS: dict[str, Any] = {
     "algorithm.tracker_buffer": 1,  # a prompt returns every 6 rounds: older samples are another model's
     "algorithm.warmup_epochs": 0,  # nothing to fill with round-local statistics
     "algorithm.beta": 0.2,  # the paper's code value, weighed by the KL budget below
-    "algorithm.kl_budget": 0.01,  # per prompt, the KL advantage pulled as hard at KL 1e-4 as at 1e-2
+    "algorithm.kl_budget": 0.005,  # the full pull from half of kl_stop on (0.01: KL past kl_stop, seed 0)
     "algorithm.train_batch_size": 16,
     "algorithm.grad_accum": 1,  # an optimiser step per 16 samples: two per round
     "algorithm.lr": 7e-3,
