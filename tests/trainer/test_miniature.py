@@ -71,7 +71,7 @@ def test_missing_weights_are_a_clear_error(tmp_path: Path) -> None:
 
 
 def test_one_rl_epoch_of_the_demo_against_a_live_service(tmp_path: Path, capsys) -> None:
-    """Warm-up (the base model's evaluation) and one update, over HTTP, with the report and its comparison."""
+    """The base model's evaluation, then two rounds that update, over HTTP, with the report and its comparison."""
     overrides = {
         "epochs": 2,
         "samples_per_epoch": 8,
@@ -83,8 +83,9 @@ def test_one_rl_epoch_of_the_demo_against_a_live_service(tmp_path: Path, capsys)
     report = run_demo(tmp_path, overrides=overrides, progress=False)
     run = tmp_path / "run"
     history = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    assert [h["updated"] for h in history] == [False, True]
-    assert history[1]["optimizer_steps"] == 1
+    assert [h["updated"] for h in history] == [True, True]  # the demo has no warm-up round
+    assert [h["optimizer_steps"] for h in history] == [1, 1]
+    assert history[0]["eval_before_update"] and history[0]["eval_kl"] == 0.0  # the base is the reference
     for h in history:
         assert h["invalid"] + h["eval_invalid"] < 8 + 12  # scored, not all rejected
         assert 0.0 <= h["eval_alignment"] <= 100.0 and h["eval_diversity"] > 0.0
