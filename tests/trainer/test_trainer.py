@@ -158,16 +158,15 @@ def test_kl_budget_reaches_the_advantages(tmp_path) -> None:
                 p.add_(0.05)
     traj, results = trainer.sample_round(0)
 
-    def advantages() -> Tensor:  # from fresh trackers: the same statistics every time
+    def advantages() -> tuple[Tensor, dict[str, float]]:  # from fresh trackers: the same statistics every time
         trainer.trackers = {k: PerPromptStatTracker(t.buffer_size, t.min_count) for k, t in trainer.trackers.items()}
-        return trainer.advantages(traj, results)[0]
+        return trainer.advantages(traj, results)
 
-    paper = advantages()
-    stats = trainer.advantages(traj, results)[1]
+    paper, stats = advantages()
     trainer.cfg.algorithm.kl_budget = stats["kl_mean"] * 1e6  # weight sqrt(1e-6)
-    weighed = advantages()
+    weighed, _ = advantages()
     trainer.cfg.algorithm.beta = 0.0
-    reward_only = advantages()
+    reward_only, _ = advantages()
     assert stats["kl_mean"] > 0
     assert (paper - reward_only).abs().max() > 0.05
     torch.testing.assert_close(weighed, reward_only, atol=5e-3, rtol=0)

@@ -106,7 +106,9 @@ def _evals(history: list[dict[str, Any]]) -> list[dict[str, Any]]:
 def before_after(history: list[dict[str, Any]]) -> dict[str, Any] | None:
     """Base (the first held-out evaluation, before any update) against the last one; None without both."""
     evals = _evals(history)
-    if len(evals) < 2 or not (evals[0].get("eval_before_update") or not evals[0].get("updated", True)):
+    # taken before round 0's update, or after a round that updated nothing (warm-up; older runs' records)
+    of_base = bool(evals and (evals[0].get("eval_before_update") or not evals[0].get("updated", True)))
+    if len(evals) < 2 or not of_base:
         return None
     base, last = evals[0], evals[-1]
 

@@ -458,7 +458,7 @@ class Trainer:
                 record["stopped_early"] = True  # before the checkpoint and the report, which both show it
             # and the model a run ends with (last epoch or early stop) always
             if base is not None or (cfg.eval_every and (epoch + 1) % cfg.eval_every == 0) or last or stop:
-                ev = base or self.evaluate(epoch)
+                ev = base if base is not None else self.evaluate(epoch)
                 record |= {f"eval_{k}": ev[k] for k in ("mrc", "mrc_se", "kl", "invalid", "alignment", "diversity")}
                 record["eval_before_update"] = base is not None
             self.state.history.append(record)
