@@ -437,7 +437,7 @@ class Trainer:
     # -- the run ------------------------------------------------------------------------------------------------
     def train(self) -> list[dict[str, Any]]:
         """Run (or continue) until ``epochs`` rounds are done or the KL threshold is passed."""
-        from .reporting import EpochLogger
+        from .reporting import BASE_EPOCH, EpochLogger
 
         cfg = self.cfg
         cfg.run_dir.mkdir(parents=True, exist_ok=True)
@@ -446,10 +446,13 @@ class Trainer:
         if not self.state.metric_id:
             self.state.metric_id = self.rewards.metric_id()
         logger = EpochLogger(self, enabled=self.acc.is_main_process)
+        if self.state.epoch == 0:
+            # the base model, before round 0 can update it (warmup_epochs = 0): the reference every later
+            # evaluation is read against; its own record, so that round 0's evaluation (if due) is the updated model's
+            base = {"epoch": BASE_EPOCH, **_eval_fields(self.evaluate(BASE_EPOCH)), "eval_before_update": True}
+            self.state.history.append(base)
+            logger.log(base)
         for epoch in range(self.state.epoch, cfg.epochs):
-            # epoch 0's evaluation is the base model's, taken before round 0 can update it (warmup_epochs = 0):
-            # the reference every later evaluation is read against
-            base = self.evaluate(epoch) if epoch == 0 else None
             stats = self.run_epoch(epoch)
             record = vars(stats)
             last = epoch == cfg.epochs - 1
@@ -457,10 +460,8 @@ class Trainer:
             if stop:
                 record["stopped_early"] = True  # before the checkpoint and the report, which both show it
             # and the model a run ends with (last epoch or early stop) always
-            if base is not None or (cfg.eval_every and (epoch + 1) % cfg.eval_every == 0) or last or stop:
-                ev = base if base is not None else self.evaluate(epoch)
-                record |= {f"eval_{k}": ev[k] for k in ("mrc", "mrc_se", "kl", "invalid", "alignment", "diversity")}
-                record["eval_before_update"] = base is not None
+            if (cfg.eval_every and (epoch + 1) % cfg.eval_every == 0) or last or stop:
+                record |= _eval_fields(self.evaluate(epoch))
             self.state.history.append(record)
             self.state.epoch = epoch + 1
             if self.acc.is_main_process and ((epoch + 1) % cfg.save_every == 0 or last or stop):
@@ -483,3 +484,8 @@ class Trainer:
 
     def close(self) -> None:
         self.rewards.close()
+
+
+def _eval_fields(evaluation: dict[str, Any]) -> dict[str, Any]:
+    """An evaluation's numbers as a metrics record keeps them (``eval_*``)."""
+    return {f"eval_{k}": evaluation[k] for k in ("mrc", "mrc_se", "kl", "invalid", "alignment", "diversity")}
