@@ -300,6 +300,23 @@ def test_kl_stop_ends_the_run_with_the_model_whose_kl_passed_it(tmp_path) -> Non
     trainer.close()
 
 
+def test_the_step_shrinks_when_the_gradient_norm_rises_above_its_reference(tmp_path) -> None:
+    """grad_norm_reference_rounds: the first round sets the reference, later steps run at lr * min(1, ref / g)."""
+    trainer = make_trainer(
+        tmp_path, epochs=3, **{"algorithm.warmup_epochs": 0, "algorithm.grad_norm_reference_rounds": 1}
+    )
+    _base, *rounds = trainer.train()
+    assert [h["optimizer_steps"] for h in rounds] == [1, 1, 1]  # one step a round: its norm is the round's
+    reference = rounds[0]["grad_norm"]
+    assert rounds[0]["step_scale"] == 1.0  # no reference yet
+    expected = [min(1.0, reference / h["grad_norm"]) for h in rounds[1:]]
+    assert [h["step_scale"] for h in rounds[1:]] == pytest.approx(expected)
+    assert any(scale < 1.0 for scale in expected)  # this run's gradient norm did rise, so the scale was exercised
+    last_lr = trainer.cfg.algorithm.lr * expected[-1]
+    assert trainer.optimizer.param_groups[0]["lr"] == pytest.approx(last_lr)  # the optimiser stepped with it
+    trainer.close()
+
+
 def test_adam_beta2_reaches_the_optimiser_and_survives_resume(tmp_path) -> None:
     trainer = make_trainer(tmp_path, epochs=2, **{"algorithm.adam_beta2": 0.99})
     assert trainer.optimizer.param_groups[0]["betas"] == (0.9, 0.99)

@@ -26,6 +26,7 @@ SCALARS = (
     "eval_diversity",
     "invalid",
     "skipped_steps",
+    "step_scale",
 )
 
 BASE_EPOCH = -1

@@ -124,6 +124,7 @@ class EpochStats:
     grad_norm: float
     optimizer_steps: int
     skipped_steps: int
+    step_scale: float  # the mean learning-rate scale of the round's steps (grad_norm_reference_rounds)
     reward_wait_s: float
     samples_per_s: float
     updated: bool
@@ -312,7 +313,8 @@ class Trainer:
         minibatches = math.ceil(n / a.train_batch_size)
         accum = a.grad_accum or minibatches  # 0: the whole round in one optimiser step
         adv = adv.to(self.acc.device)
-        losses, norms, opt_steps, skipped = [], [], 0, 0
+        losses, norms, scales, opt_steps, skipped = [], [], [], 0, 0
+        reference = self._grad_norm_reference()
         self.policy.train()
         for _ in range(a.ppo_epochs if a.method == "ppo" else 1):
             order = torch.randperm(n, generator=gen)
@@ -352,9 +354,13 @@ class Trainer:
                     norm = self.acc.clip_grad_norm_(self.policy.trainable_parameters(), a.max_grad_norm)
                     norm_f = float(norm) if norm is not None and backwards else math.nan
                     if math.isfinite(norm_f):
+                        scale = 1.0 if reference is None or norm_f <= 0 else min(1.0, reference / norm_f)
+                        for group in self.optimizer.param_groups:
+                            group["lr"] = a.lr * scale
                         self.optimizer.step()
                         opt_steps += 1
                         norms.append(norm_f)
+                        scales.append(scale)
                     else:
                         skipped += 1
                         log.warning("non-finite gradient at epoch %d: the optimiser step is skipped", epoch)
@@ -368,7 +374,14 @@ class Trainer:
             "grad_norm": sum(norms) / max(1, len(norms)) if norms else math.nan,
             "optimizer_steps": opt_steps,
             "skipped_steps": skipped,
+            "step_scale": sum(scales) / len(scales) if scales else math.nan,
         }
+
+    def _grad_norm_reference(self) -> float | None:
+        """Mean gradient norm of the first ``grad_norm_reference_rounds`` updating rounds; None before (or off)."""
+        n = self.cfg.algorithm.grad_norm_reference_rounds
+        norms = [h["grad_norm"] for h in self.state.history if h.get("updated") and math.isfinite(h["grad_norm"])]
+        return sum(norms[:n]) / n if n and len(norms) >= n else None
 
     def _over_kl(self, kl: float) -> bool:
         stop = self.cfg.algorithm.kl_stop
@@ -415,7 +428,13 @@ class Trainer:
         upd = (
             self.update(traj, adv, epoch)
             if updated
-            else {"loss": math.nan, "grad_norm": math.nan, "optimizer_steps": 0, "skipped_steps": 0}
+            else {
+                "loss": math.nan,
+                "grad_norm": math.nan,
+                "optimizer_steps": 0,
+                "skipped_steps": 0,
+                "step_scale": math.nan,
+            }
         )
         elapsed = time.perf_counter() - start
         return EpochStats(
