@@ -17,6 +17,7 @@ from carve3d_trainer.demo import DEMO_SETTINGS, run_demo
 from carve3d_trainer.policies.base import SamplingConfig
 from carve3d_trainer.policies.tiny import TinyGridPolicy, resolve_weights
 from carve3d_trainer.quality import aligned
+from carve3d_trainer.reporting import BASE_EPOCH
 from carve3d_trainer.sft_data import COLOURS
 from carve3d_trainer.trainer import build_policy
 
@@ -82,16 +83,19 @@ def test_one_rl_epoch_of_the_demo_against_a_live_service(tmp_path: Path, capsys)
     }
     report = run_demo(tmp_path, overrides=overrides, progress=False)
     run = tmp_path / "run"
-    history = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    assert [h["updated"] for h in history] == [True, True]  # the demo has no warm-up round
-    assert [h["optimizer_steps"] for h in history] == [1, 1]
-    assert history[0]["eval_before_update"] and history[0]["eval_kl"] == 0.0  # the base is the reference
-    for h in history:
-        assert h["invalid"] + h["eval_invalid"] < 8 + 12  # scored, not all rejected
+    base, *rounds = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert base["epoch"] == BASE_EPOCH and base["eval_before_update"]
+    assert base["eval_kl"] == 0.0  # the base is the reference
+    assert [h["epoch"] for h in rounds] == [0, 1]
+    assert [h["updated"] for h in rounds] == [True, True]  # the demo has no warm-up round
+    assert [h["optimizer_steps"] for h in rounds] == [1, 1]
+    assert all(h["invalid"] < 8 for h in rounds) and base["eval_invalid"] + rounds[1]["eval_invalid"] < 12  # scored
+    for h in (base, rounds[1]):
         assert 0.0 <= h["eval_alignment"] <= 100.0 and h["eval_diversity"] > 0.0
         assert 0.0 < h["eval_mrc_se"] < h["eval_mrc"]
     text = report.read_text()
-    assert "Base model (epoch 0, before any update) vs finetuned (epoch 1)" in text
+    assert "Base model (before any update) vs finetuned (epoch 1)" in text
+    assert (run / "eval" / "base.png").exists() and (run / "eval" / "epoch-0001.png").exists()
     assert (run / "compare.png").exists() and "compare.png" in text
     out = capsys.readouterr().out
     assert "held-out MRC" in out and ("PASS" in out or "FAIL" in out)

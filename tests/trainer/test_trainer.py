@@ -131,7 +131,7 @@ def test_policy_gradient_moves_the_reward_up(tmp_path) -> None:
             "algorithm.lr": 1e-3,
         },
     )
-    history = trainer.train()
+    _base, *history = trainer.train()
     rewards = [h["reward_mean"] for h in history]
     assert rewards[-1] > rewards[0] + 0.02, [round(r, 4) for r in rewards]
     assert all(h["skipped_steps"] == 0 for h in history)
@@ -196,7 +196,8 @@ def test_resume_gives_the_same_samples_and_weights(tmp_path) -> None:
     assert resumed.resume() and resumed.state.epoch == 2
     history = resumed.train()
     w_resumed = resumed.policy.trainable_state_dict()
-    assert [h["reward_mean"] for h in history] == [h["reward_mean"] for h in full]
+    assert [h.get("reward_mean") for h in history] == [h.get("reward_mean") for h in full]  # the base's: None
+    assert len(history) == 1 + 3
     for k in w_full:
         torch.testing.assert_close(w_resumed[k], w_full[k], rtol=0, atol=0)
     assert (tmp_path / "b" / "checkpoints" / "latest").read_text().strip() == "epoch-0003"
@@ -260,17 +261,22 @@ def test_samples_per_prompt_groups_each_round_and_visits_every_prompt_equally(tm
     trainer.close()
 
 
-def test_without_warm_up_epoch_0_still_evaluates_the_base_model(tmp_path) -> None:
-    """Round 0 updates (warmup_epochs = 0), but its evaluation, the base every report compares with, is taken first."""
-    from carve3d_trainer.reporting import before_after
+def test_the_base_model_is_evaluated_before_round_0_and_the_last_model_after_it(tmp_path) -> None:
+    """With no warm-up round 0 updates: the base, every report's reference, is its own record taken first.
 
-    trainer = make_trainer(tmp_path, epochs=2, **{"eval_samples_per_prompt": 1, "algorithm.warmup_epochs": 0})
-    history = trainer.train()
-    assert history[0]["updated"] and history[0]["eval_before_update"]
-    assert history[0]["eval_kl"] == 0.0  # the LoRA adapters start at zero: the base model is the reference
-    assert history[-1]["eval_kl"] > 0.0 and not history[-1]["eval_before_update"]
-    summary = before_after(history)
-    assert summary is not None and summary["base_epoch"] == 0 and summary["final_epoch"] == 1
+    A one-round run therefore still evaluates the model it ends with.
+    """
+    from carve3d_trainer.reporting import BASE_EPOCH, before_after
+
+    trainer = make_trainer(tmp_path, epochs=1, **{"eval_samples_per_prompt": 1, "algorithm.warmup_epochs": 0})
+    base, round0 = trainer.train()
+    assert base["epoch"] == BASE_EPOCH and base["eval_before_update"] and "updated" not in base
+    assert base["eval_kl"] == 0.0  # the LoRA adapters start at zero: the base model is the reference
+    assert round0["epoch"] == 0 and round0["updated"] and round0["eval_kl"] > 0.0  # evaluated after its update
+    summary = before_after([base, round0])
+    assert summary is not None and summary["base_epoch"] == BASE_EPOCH and summary["final_epoch"] == 0
+    assert (tmp_path / "eval" / "base.png").exists() and (tmp_path / "compare.png").exists()
+    assert "| base |" in (tmp_path / "report.md").read_text()
 
 
 def test_kl_stop_ends_the_run_with_the_model_whose_kl_passed_it(tmp_path) -> None:
@@ -283,7 +289,7 @@ def test_kl_stop_ends_the_run_with_the_model_whose_kl_passed_it(tmp_path) -> Non
         return run_epoch(epoch)
 
     trainer.run_epoch = recording
-    history = trainer.train()
+    _base, *history = trainer.train()
     # epoch 0 fills the trackers, epoch 1 updates (the KL is 0 before any update), epoch 2 measures KL > 0: stop
     assert [h["epoch"] for h in history] == [0, 1, 2] and history[-1]["stopped_early"]
     assert history[1]["updated"] and not history[2]["updated"] and history[2]["kl_mean"] > 1e-9
@@ -291,6 +297,23 @@ def test_kl_stop_ends_the_run_with_the_model_whose_kl_passed_it(tmp_path) -> Non
     assert all(torch.equal(final[k], weights[2][k]) for k in final)  # no update from the stopping round
     assert history[-1]["eval_mrc"] is not None  # the model the run ends with is evaluated
     assert "| none: KL stop |" in (tmp_path / "report.md").read_text()  # not mistaken for a warm-up round
+    trainer.close()
+
+
+def test_the_step_shrinks_when_the_gradient_norm_rises_above_its_reference(tmp_path) -> None:
+    """grad_norm_reference_rounds: the first round sets the reference, later steps run at lr * min(1, ref / g)."""
+    trainer = make_trainer(
+        tmp_path, epochs=3, **{"algorithm.warmup_epochs": 0, "algorithm.grad_norm_reference_rounds": 1}
+    )
+    _base, *rounds = trainer.train()
+    assert [h["optimizer_steps"] for h in rounds] == [1, 1, 1]  # one step a round: its norm is the round's
+    reference = rounds[0]["grad_norm"]
+    assert rounds[0]["step_scale"] == 1.0  # no reference yet
+    expected = [min(1.0, reference / h["grad_norm"]) for h in rounds[1:]]
+    assert [h["step_scale"] for h in rounds[1:]] == pytest.approx(expected)
+    assert any(scale < 1.0 for scale in expected)  # this run's gradient norm did rise, so the scale was exercised
+    last_lr = trainer.cfg.algorithm.lr * expected[-1]
+    assert trainer.optimizer.param_groups[0]["lr"] == pytest.approx(last_lr)  # the optimiser stepped with it
     trainer.close()
 
 

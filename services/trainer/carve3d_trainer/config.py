@@ -71,6 +71,15 @@ class AlgorithmConfig(BaseModel):
         "(LoRA's do as the adapters leave zero) instead of averaging them with the small early ones.",
     )
     max_grad_norm: float = Field(1.0, gt=0.0)
+    grad_norm_reference_rounds: int = Field(
+        0,
+        ge=0,
+        description="0: off. N: each optimiser step's learning rate is scaled by min(1, g_ref / g), g the step's "
+        "gradient norm and g_ref the mean of the first N updating rounds' (read from the run's history, so a "
+        "resumed run scales alike). AdamW moves the weights about the same distance every step; when the "
+        "samples' log-probs grow more sensitive to the weights (the gradient norm rises), that distance moves "
+        "the policy further, and in the demo's failing runs the KL then jumped within a round.",
+    )
     tracker_buffer: int = Field(3, ge=1, description="Tracker ring buffer, in samples per prompt per epoch.")
     tracker_min_count: int = Field(1, ge=1, description="Below this (x samples per prompt), batch statistics.")
     warmup_epochs: int = Field(1, ge=0, description="Epochs that only fill the trackers (no update).")

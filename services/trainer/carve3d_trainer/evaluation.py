@@ -21,6 +21,7 @@ from PIL import Image, ImageDraw, ImageFont
 from carve3d_reward.client import ScoreResult
 
 from .quality import aligned, diversity
+from .reporting import BASE_EPOCH, epoch_label, sheet_path
 
 if TYPE_CHECKING:
     from .trainer import Trainer
@@ -55,14 +56,16 @@ def evaluate_policy(trainer: Trainer, epoch: int) -> dict[str, Any]:
 
     bar = tqdm(
         mine,
-        desc=f"epoch {epoch} evaluation",
+        desc=f"{epoch_label(epoch)} evaluation",
         leave=False,
         disable=not (trainer.progress and trainer.acc.is_main_process),
     )
     for idx in bar:
         step_gen.manual_seed(_seed(trainer) + 1 + idx[0])  # each batch's step noise fixed too
         traj = trainer.policy.sample([prompts[i] for i in idx], noise=noise[idx], generator=step_gen)
-        futures.append(trainer.rewards.submit(traj.images, f"run{trainer.run_id}-eval{epoch}-i{idx[0]}", renders=True))
+        futures.append(
+            trainer.rewards.submit(traj.images, f"run{trainer.run_id}-eval{epoch_label(epoch)}-i{idx[0]}", renders=True)
+        )
         images.append(traj.images.cpu())
         kls.append(trainer.kl(traj).cpu())
     results = trainer.rewards.collect(futures)
@@ -106,7 +109,7 @@ def evaluate_policy(trainer: Trainer, epoch: int) -> dict[str, Any]:
     }
     shown = [row for row in rows if row[5] is not None]
     if trainer.acc.is_main_process and shown:
-        path = cfg.run_dir / "eval" / f"epoch-{epoch:04d}.png"
+        path = sheet_path(cfg.run_dir, epoch)
         sheet = sheet_image(
             torch.stack([row[4] for row in shown]).to(torch.float32) / 255.0,
             [row[5] for row in shown],
@@ -152,7 +155,8 @@ def sheet_image(images: torch.Tensor, results: list[ScoreResult], labels: list[s
     sheet = Image.new("RGB", (width, height), "white")
     draw = ImageDraw.Draw(sheet)
     font = ImageFont.load_default()
-    draw.text((pad, 4), f"epoch {epoch}: generated | re-rendered from the reconstruction", fill="black", font=font)
+    title = "base model" if epoch == BASE_EPOCH else f"epoch {epoch}"
+    draw.text((pad, 4), f"{title}: generated | re-rendered from the reconstruction", fill="black", font=font)
     for row, (img, res, label) in enumerate(zip(images, results, labels, strict=False)):
         y = 24 + row * (size + label_h + pad)
         grid = (img.clamp(0, 1).permute(1, 2, 0).numpy() * 255 + 0.5).astype(np.uint8)

@@ -26,7 +26,21 @@ SCALARS = (
     "eval_diversity",
     "invalid",
     "skipped_steps",
+    "step_scale",
 )
+
+BASE_EPOCH = -1
+"""The epoch of the base model's evaluation record: record ``e`` holds the model after round ``e``, the base
+model is the one before round 0 (with no warm-up round, round 0 already updates it)."""
+
+
+def epoch_label(epoch: int) -> str:
+    return "base" if epoch == BASE_EPOCH else str(epoch)
+
+
+def sheet_path(run_dir: Path, epoch: int) -> Path:
+    """Where an evaluation's sheet of held-out samples goes (``eval/base.png`` for the base model's)."""
+    return run_dir / "eval" / ("base.png" if epoch == BASE_EPOCH else f"epoch-{epoch:04d}.png")
 
 
 class EpochLogger:
@@ -57,7 +71,7 @@ class EpochLogger:
             value = record.get(key)
             if isinstance(value, int | float) and math.isfinite(value) and self.writer is not None:
                 self.writer.add_scalar(key, value, epoch)
-        sheet = self.run_dir / "eval" / f"epoch-{epoch:04d}.png"
+        sheet = sheet_path(self.run_dir, epoch)
         if sheet.exists() and self.writer is not None:
             import numpy as np
             from PIL import Image
@@ -75,7 +89,7 @@ class EpochLogger:
 
         note = "" if record.get("updated", True) else f"  ({_no_update(record)})"
         self.console.print(
-            f"{epoch:>5} {fmt('reward_mean', 9)} {fmt('mrc_mean', 8)} {fmt('kl_mean', 9, '.2e')} "
+            f"{epoch_label(epoch):>5} {fmt('reward_mean', 9)} {fmt('mrc_mean', 8)} {fmt('kl_mean', 9, '.2e')} "
             f"{fmt('eval_mrc', 9)} {fmt('eval_alignment', 6, '.1f')} "
             f"{fmt('loss', 9, '.2e')} {fmt('grad_norm', 8, '.3f')} "
             f"{fmt('reward_wait_s', 7, '.1f')} {fmt('samples_per_s', 7, '.2f')} {fmt('invalid', 7, 'd')}{note}",
@@ -106,7 +120,8 @@ def _evals(history: list[dict[str, Any]]) -> list[dict[str, Any]]:
 def before_after(history: list[dict[str, Any]]) -> dict[str, Any] | None:
     """Base (the first held-out evaluation, before any update) against the last one; None without both."""
     evals = _evals(history)
-    # taken before round 0's update, or after a round that updated nothing (warm-up; older runs' records)
+    # the base model's record (BASE_EPOCH; in older runs epoch 0's, taken before its update), or an evaluation
+    # after a warm-up round that updated nothing (older runs)
     of_base = bool(evals and (evals[0].get("eval_before_update") or not evals[0].get("updated", True)))
     if len(evals) < 2 or not of_base:
         return None
@@ -146,7 +161,7 @@ def compare_sheets(run_dir: Path, base_epoch: int, final_epoch: int) -> Path | N
     """``compare.png``: the base model's held-out sheet beside the finetuned one (same prompts, same noise)."""
     from PIL import Image
 
-    paths = [run_dir / "eval" / f"epoch-{e:04d}.png" for e in (base_epoch, final_epoch)]
+    paths = [sheet_path(run_dir, e) for e in (base_epoch, final_epoch)]
     if not all(p.exists() for p in paths):
         return None
     left, right = (Image.open(p).convert("RGB") for p in paths)
@@ -208,7 +223,7 @@ def write_report(
     plt.close(fig)
 
     lines = [
-        f"| {h['epoch']} | {_fmt(h.get('mrc_mean'), '.4f')} | {_fmt(h.get('kl_mean'), '.3e')} | "
+        f"| {epoch_label(h['epoch'])} | {_fmt(h.get('mrc_mean'), '.4f')} | {_fmt(h.get('kl_mean'), '.3e')} | "
         f"{_fmt(h.get('eval_mrc'), '.4f')} | {_fmt(h.get('eval_alignment'), '.1f')} | "
         f"{_fmt(h.get('eval_diversity'), '.4f')} | {h.get('invalid', 0)} | "
         f"{'yes' if h.get('updated') else _no_update(h)} |"
@@ -226,8 +241,8 @@ def write_report(
         (m0, m1), (a0, a1), (d0, d1), (k0, k1) = (summary[k] for k in ("mrc", "alignment", "diversity", "kl"))
         se0, se1 = summary["mrc_se"]
         text += (
-            f"\n## Base model (epoch {summary['base_epoch']}, before any update) vs finetuned "
-            f"(epoch {summary['final_epoch']}), held-out prompts\n\n"
+            f"\n## Base model (before any update) vs finetuned (epoch {summary['final_epoch']}), "
+            "held-out prompts\n\n"
             "| | base | finetuned | change |\n|---|---|---|---|\n"
             f"| MRC (+- standard error) | {m0:.4f} +- {_fmt(se0, '.4f')} | {m1:.4f} +- {_fmt(se1, '.4f')} | "
             f"{summary['mrc_change']:+.1%} |\n"
@@ -242,7 +257,8 @@ def write_report(
         if compare is not None:
             text += "\nSame prompts, same noise: base (left) and finetuned (right), each grid beside its re-render.\n\n"
             text += f"![base vs finetuned]({compare.name})\n"
-    sheets = sorted((run_dir / "eval").glob("epoch-*.png")) if (run_dir / "eval").exists() else []
+    sheets = sorted((run_dir / "eval").glob("epoch-*.png")) or [sheet_path(run_dir, BASE_EPOCH)]
+    sheets = [p for p in sheets if p.exists()]
     if sheets:
         text += f"\n## Latest held-out samples\n\n![samples]({sheets[-1].relative_to(run_dir)})\n"
     path = run_dir / "report.md"
@@ -300,4 +316,6 @@ def compare_runs(runs: dict[str, Path], out: Path) -> Path:
 
 def _no_update(record: dict[str, Any]) -> str:
     """Why a round made no update: the KL stop (that round measured the model it ends with) or warm-up."""
+    if record["epoch"] == BASE_EPOCH:
+        return "- (base model)"
     return "none: KL stop" if record.get("stopped_early") else "warm-up: trackers only"

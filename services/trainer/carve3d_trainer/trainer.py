@@ -124,6 +124,7 @@ class EpochStats:
     grad_norm: float
     optimizer_steps: int
     skipped_steps: int
+    step_scale: float  # the mean learning-rate scale of the round's steps (grad_norm_reference_rounds)
     reward_wait_s: float
     samples_per_s: float
     updated: bool
@@ -312,7 +313,8 @@ class Trainer:
         minibatches = math.ceil(n / a.train_batch_size)
         accum = a.grad_accum or minibatches  # 0: the whole round in one optimiser step
         adv = adv.to(self.acc.device)
-        losses, norms, opt_steps, skipped = [], [], 0, 0
+        losses, norms, scales, opt_steps, skipped = [], [], [], 0, 0
+        reference = self._grad_norm_reference()
         self.policy.train()
         for _ in range(a.ppo_epochs if a.method == "ppo" else 1):
             order = torch.randperm(n, generator=gen)
@@ -352,9 +354,13 @@ class Trainer:
                     norm = self.acc.clip_grad_norm_(self.policy.trainable_parameters(), a.max_grad_norm)
                     norm_f = float(norm) if norm is not None and backwards else math.nan
                     if math.isfinite(norm_f):
+                        scale = 1.0 if reference is None or norm_f <= 0 else min(1.0, reference / norm_f)
+                        for group in self.optimizer.param_groups:
+                            group["lr"] = a.lr * scale
                         self.optimizer.step()
                         opt_steps += 1
                         norms.append(norm_f)
+                        scales.append(scale)
                     else:
                         skipped += 1
                         log.warning("non-finite gradient at epoch %d: the optimiser step is skipped", epoch)
@@ -368,7 +374,14 @@ class Trainer:
             "grad_norm": sum(norms) / max(1, len(norms)) if norms else math.nan,
             "optimizer_steps": opt_steps,
             "skipped_steps": skipped,
+            "step_scale": sum(scales) / len(scales) if scales else math.nan,
         }
+
+    def _grad_norm_reference(self) -> float | None:
+        """Mean gradient norm of the first ``grad_norm_reference_rounds`` updating rounds; None before (or off)."""
+        n = self.cfg.algorithm.grad_norm_reference_rounds
+        norms = [h["grad_norm"] for h in self.state.history if h.get("updated") and math.isfinite(h["grad_norm"])]
+        return sum(norms[:n]) / n if n and len(norms) >= n else None
 
     def _over_kl(self, kl: float) -> bool:
         stop = self.cfg.algorithm.kl_stop
@@ -415,7 +428,13 @@ class Trainer:
         upd = (
             self.update(traj, adv, epoch)
             if updated
-            else {"loss": math.nan, "grad_norm": math.nan, "optimizer_steps": 0, "skipped_steps": 0}
+            else {
+                "loss": math.nan,
+                "grad_norm": math.nan,
+                "optimizer_steps": 0,
+                "skipped_steps": 0,
+                "step_scale": math.nan,
+            }
         )
         elapsed = time.perf_counter() - start
         return EpochStats(
@@ -437,7 +456,7 @@ class Trainer:
     # -- the run ------------------------------------------------------------------------------------------------
     def train(self) -> list[dict[str, Any]]:
         """Run (or continue) until ``epochs`` rounds are done or the KL threshold is passed."""
-        from .reporting import EpochLogger
+        from .reporting import BASE_EPOCH, EpochLogger
 
         cfg = self.cfg
         cfg.run_dir.mkdir(parents=True, exist_ok=True)
@@ -446,10 +465,13 @@ class Trainer:
         if not self.state.metric_id:
             self.state.metric_id = self.rewards.metric_id()
         logger = EpochLogger(self, enabled=self.acc.is_main_process)
+        if self.state.epoch == 0:
+            # the base model, before round 0 can update it (warmup_epochs = 0): the reference every later
+            # evaluation is read against; its own record, so that round 0's evaluation (if due) is the updated model's
+            base = {"epoch": BASE_EPOCH, **_eval_fields(self.evaluate(BASE_EPOCH)), "eval_before_update": True}
+            self.state.history.append(base)
+            logger.log(base)
         for epoch in range(self.state.epoch, cfg.epochs):
-            # epoch 0's evaluation is the base model's, taken before round 0 can update it (warmup_epochs = 0):
-            # the reference every later evaluation is read against
-            base = self.evaluate(epoch) if epoch == 0 else None
             stats = self.run_epoch(epoch)
             record = vars(stats)
             last = epoch == cfg.epochs - 1
@@ -457,10 +479,8 @@ class Trainer:
             if stop:
                 record["stopped_early"] = True  # before the checkpoint and the report, which both show it
             # and the model a run ends with (last epoch or early stop) always
-            if base is not None or (cfg.eval_every and (epoch + 1) % cfg.eval_every == 0) or last or stop:
-                ev = base if base is not None else self.evaluate(epoch)
-                record |= {f"eval_{k}": ev[k] for k in ("mrc", "mrc_se", "kl", "invalid", "alignment", "diversity")}
-                record["eval_before_update"] = base is not None
+            if (cfg.eval_every and (epoch + 1) % cfg.eval_every == 0) or last or stop:
+                record |= _eval_fields(self.evaluate(epoch))
             self.state.history.append(record)
             self.state.epoch = epoch + 1
             if self.acc.is_main_process and ((epoch + 1) % cfg.save_every == 0 or last or stop):
@@ -483,3 +503,8 @@ class Trainer:
 
     def close(self) -> None:
         self.rewards.close()
+
+
+def _eval_fields(evaluation: dict[str, Any]) -> dict[str, Any]:
+    """An evaluation's numbers as a metrics record keeps them (``eval_*``)."""
+    return {f"eval_{k}": evaluation[k] for k in ("mrc", "mrc_se", "kl", "invalid", "alignment", "diversity")}
