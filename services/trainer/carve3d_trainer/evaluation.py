@@ -156,7 +156,7 @@ def sheet_image(images: torch.Tensor, results: list[ScoreResult], labels: list[s
     draw = ImageDraw.Draw(sheet)
     font = ImageFont.load_default()
     title = "base model" if epoch == BASE_EPOCH else f"epoch {epoch}"
-    draw.text((pad, 4), f"{title}: generated | re-rendered from the reconstruction", fill="black", font=font)
+    draw.text((pad, 4), f"{title}: generated | re-rendered", fill="black", font=font)  # fits the sheet's width
     for row, (img, res, label) in enumerate(zip(images, results, labels, strict=False)):
         y = 24 + row * (size + label_h + pad)
         grid = (img.clamp(0, 1).permute(1, 2, 0).numpy() * 255 + 0.5).astype(np.uint8)
