@@ -15,6 +15,7 @@ import uvicorn
 
 from carve3d_reward.errors import MRCError
 from carve3d_reward.service.launch import free_port, serve_subprocess
+from carve3d_reward.service.server import server_config
 
 __all__ = ["free_port", "serve_app", "serve_process"]
 
@@ -30,7 +31,7 @@ def serve_app(app, *, port: int = 0, force_exit: bool = False, startup_timeout: 
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind(("127.0.0.1", port))
     port = sock.getsockname()[1]
-    config = uvicorn.Config(app, log_level="warning", access_log=False, lifespan="on")
+    config = server_config(app, log_level="warning", access_log=False, lifespan="on")
     server = uvicorn.Server(config)
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True, name=f"uvicorn-{port}")
     thread.start()

@@ -253,6 +253,10 @@ def test_bad_configuration_is_a_config_error():
         MRCClient("http://127.0.0.1:1", retries=-1)
     with pytest.raises(InvalidInputError, match="request_id"):
         MRCClient("http://127.0.0.1:1").score(grids_batch(1), request_id="has space")
+    with pytest.raises(InvalidInputError, match="1 to 128"):  # the service refuses longer ids: never send one
+        MRCClient("http://127.0.0.1:1").score(grids_batch(1), request_id="r" * 129)
+    with pytest.raises(InvalidInputError, match="too long for a batch sent as 2 requests"):
+        MRCClient("http://127.0.0.1:1", max_grids_per_request=1).score(grids_batch(2), request_id="r" * 127)
 
 
 # -- the retry policy, pure ---------------------------------------------------------------------------

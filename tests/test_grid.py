@@ -7,8 +7,21 @@ import pytest
 import torch
 from PIL import Image
 
-from carve3d_reward.errors import InvalidInputError
-from carve3d_reward.grid import decode_image, join_grid, load_image, split_grid, to_grid_tensor
+from carve3d_reward.errors import InvalidInputError, TooManyPixelsError, UnsupportedFormatError
+from carve3d_reward.grid import (
+    decode_grid,
+    decode_image,
+    grid_from_array,
+    grid_from_image,
+    image_to_array,
+    join_grid,
+    load_image,
+    open_image,
+    resize_views,
+    split_grid,
+    to_grid_tensor,
+    to_uint8,
+)
 from carve3d_reward.layouts import INSTANT3D_2X2, GridLayout
 
 
@@ -139,3 +152,73 @@ def test_other_layouts_split_too() -> None:
 def test_bad_sizes_are_rejected_with_reason(h: int, w: int, message: str) -> None:
     with pytest.raises(InvalidInputError, match=message):
         split_grid(torch.zeros(1, 3, h, w), INSTANT3D_2X2)
+
+
+ALL_MODES = ("1", "L", "LA", "La", "P", "PA", "RGB", "RGBA", "RGBa", "RGBX", "CMYK", "YCbCr", "LAB", "HSV")
+ALL_MODES += ("I", "F", "I;16", "I;16L", "I;16B", "I;16N")
+
+
+@pytest.mark.parametrize("mode", ALL_MODES)
+def test_every_pillow_mode_converts_to_rgb_in_range(mode: str) -> None:
+    img = Image.new(mode, (8, 6))
+    out = image_to_array(img)
+    assert out.shape == (6, 8, 3) and out.dtype == np.float32
+    assert np.isfinite(out).all() and out.min() >= 0.0 and out.max() <= 1.0
+
+
+def test_premultiplied_alpha_composites_like_straight_alpha() -> None:
+    grey, alpha = 120, 51  # a = 0.2
+    straight = image_to_array(
+        Image.fromarray(np.dstack([np.full((4, 4), grey, np.uint8), np.full((4, 4), alpha, np.uint8)]), "LA")
+    )
+    premultiplied = np.dstack([np.full((4, 4), round(grey * alpha / 255), np.uint8), np.full((4, 4), alpha, np.uint8)])
+    got = image_to_array(Image.frombytes("La", (4, 4), premultiplied.tobytes()))
+    expect = grey / 255 * 0.2 + 0.8  # over white
+    np.testing.assert_allclose(straight, expect, atol=1e-6)
+    np.testing.assert_allclose(got, expect, atol=3e-3)  # the premultiplied byte is rounded
+
+
+def test_non_finite_float_pixels_are_refused() -> None:
+    arr = np.zeros((4, 4), np.float32)
+    arr[1, 1] = np.nan
+    with pytest.raises(InvalidInputError, match="NaN"):
+        image_to_array(Image.fromarray(arr, "F"))
+    arr[1, 1] = np.inf
+    with pytest.raises(InvalidInputError, match="infinite"):
+        image_to_array(Image.fromarray(arr, "F"))
+
+
+@pytest.mark.parametrize(("fmt", "name"), [("TIFF", "TIFF"), ("BMP", "BMP"), ("GIF", "GIF")])
+def test_formats_other_than_png_jpeg_webp_are_refused_by_name(fmt: str, name: str) -> None:
+    data = encode(Image.new("RGB", (32, 32), "white"), fmt)
+    with pytest.raises(UnsupportedFormatError, match=f"{name} images are not accepted") as info:
+        decode_image(data)
+    assert info.value.status == 415
+
+
+def test_animations_are_refused() -> None:
+    frames = [Image.new("RGB", (32, 32), c) for c in ("red", "blue")]
+    with pytest.raises(InvalidInputError, match="animated image"):
+        decode_image(encode(frames[0], "PNG", save_all=True, append_images=frames[1:]))
+
+
+def test_decode_grid_reduces_each_view_with_the_metrics_resize_then_quantises() -> None:
+    rng = np.random.default_rng(3)
+    grid = rng.integers(0, 256, (256, 256, 3), dtype=np.uint8)  # 128 px views
+    out = decode_grid(encode(Image.fromarray(grid)), INSTANT3D_2X2, view_size=48)
+    assert out.shape == (96, 96, 3) and out.dtype == np.uint8
+    views = split_grid(to_grid_tensor(grid), INSTANT3D_2X2)
+    want = join_grid(resize_views(views, 48), INSTANT3D_2X2)[0].permute(1, 2, 0).numpy()
+    np.testing.assert_array_equal(out, to_uint8(want))
+    # not larger than the working size: the pixels as they are (no resampling, nothing lost)
+    np.testing.assert_array_equal(decode_grid(encode(Image.fromarray(grid)), INSTANT3D_2X2, view_size=128), grid)
+    np.testing.assert_array_equal(grid_from_array(grid, INSTANT3D_2X2, view_size=48), out)
+
+
+def test_decode_grid_checks_the_size_from_the_header_before_decoding() -> None:
+    data = encode(Image.new("RGB", (129, 128)))[:60]  # the header only: the pixels would not even decode
+    with pytest.raises(InvalidInputError, match="does not split"):
+        grid_from_image(open_image(data), INSTANT3D_2X2, view_size=64)
+    with pytest.raises(TooManyPixelsError) as info:
+        decode_grid(encode(Image.new("RGB", (128, 128))), INSTANT3D_2X2, view_size=64, max_pixels=100)
+    assert info.value.status == 413

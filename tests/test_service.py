@@ -18,9 +18,11 @@ from PIL import Image
 from carve3d_reward.grid import join_grid, to_uint8_image
 from carve3d_reward.layouts import INSTANT3D_2X2
 from carve3d_reward.model import MRCModel
-from carve3d_reward.service.app import create_app, make_score_fn
+from carve3d_reward.service.app import create_app
 from carve3d_reward.service.settings import ServiceSettings
 
+from .fuzz.encoders import png as png_file
+from .fuzz.encoders import png_rows
 from .serving import serve_app
 
 TOKEN = "s3cret-token"
@@ -168,30 +170,35 @@ def test_errors_are_json_with_a_reason(server, kwargs, status, code, needle) -> 
     assert body["error"] == code and needle in body["detail"] and body["request_id"]
 
 
-def test_structural_errors_name_the_problem(server, grids) -> None:
+def test_envelope_errors_fail_the_request_and_entry_errors_fail_only_their_grid(server, grids) -> None:
     def post(obj):
         return httpx.post(
             server + "/mrc",
             content=msgpack.packb(obj, use_bin_type=True),
-            headers={"content-type": "application/msgpack"},
+            headers={"content-type": "application/msgpack", "accept": "application/json"},
         )
 
-    g = grids[0]
-    cases = [
-        ([1, 2], "'grids' list"),
-        ({"grids": []}, "empty"),
-        ({"grids": [{"data": g.tobytes(), "shape": [128, 128], "dtype": "uint8"}]}, "[H, W, 3]"),
-        ({"grids": [{"data": g.tobytes(), "shape": [128, 128, 3], "dtype": "float32"}]}, "float32"),
-        ({"grids": [{"data": g.tobytes()[:-1], "shape": [128, 128, 3]}]}, "needs 49152 bytes"),
-        ({"grids": [{"shape": [1, 1, 3]}]}, "neither"),
-    ]
-    for obj, needle in cases:
+    for obj, needle in (([1, 2], "'grids' list"), ({"grids": []}, "empty")):
         r = post(obj)
         assert r.status_code == 400, (obj, r.text)
         assert needle in r.json()["detail"], r.json()
-    big = np.zeros((700, 700, 3), np.uint8)
-    r = post({"grids": [{"data": big.tobytes(), "shape": [700, 700, 3]}]})
-    assert r.status_code == 413
+    g = grids[0]
+    good = {"data": g.tobytes(), "shape": [128, 128, 3]}
+    entries = [
+        ({"data": g.tobytes(), "shape": [128, 128], "dtype": "uint8"}, "[H, W, 3]"),
+        ({"data": g.tobytes(), "shape": [128, 128, 3], "dtype": "float32"}, "float32"),
+        ({"data": g.tobytes()[:-1], "shape": [128, 128, 3]}, "needs 49152 bytes"),
+        ({"data": g.tobytes(), "shape": [True, 128, 3]}, "positive integers"),
+        ({"shape": [1, 1, 3]}, "neither"),
+        ({"image": b"png", "data": g.tobytes(), "shape": [128, 128, 3]}, "both"),
+        ({"data": bytes(3), "shape": [700, 700, 3]}, "more than the limit"),  # checked before the length
+    ]
+    for entry, needle in entries:
+        r = post({"grids": [good, entry, good]})
+        assert r.status_code == 200, (entry.get("shape"), r.text)
+        first, bad, last = r.json()["results"]
+        assert bad["status"] == "invalid" and bad["mrc"] is None and needle in bad["error"], bad
+        assert first["status"] == last["status"] == "ok" and first["mrc"] == last["mrc"]
 
 
 def test_unknown_routes_and_methods_answer_json(server) -> None:
@@ -247,7 +254,7 @@ class CountingScore:
     """Wraps the real score function: counts grids scored, can sleep or fail on demand."""
 
     def __init__(self, model: MRCModel, *, sleep: float = 0.0, fail_batches_over: int | None = None) -> None:
-        self.inner = make_score_fn(model)
+        self.inner = lambda grids, renders: model.score_dicts(grids, return_renders=renders)
         self.sleep = sleep
         self.fail_batches_over = fail_batches_over
         self.grids = 0
@@ -402,3 +409,93 @@ def test_unexpected_error_is_json_500_and_keeps_the_connection(model, fast_setti
             state.model = real
         assert r.status_code == 500 and r.json()["error"] == "internal" and r.json()["request_id"]
         assert client.get(url + "/healthz").status_code == 200  # same keep-alive connection still works
+
+
+def test_requests_that_can_never_fit_the_queue_get_413(model, fast_settings, grids) -> None:
+    settings = ServiceSettings(metric=fast_settings, max_queue=2, max_queue_pixels=3 * 128 * 128)
+    with serve_app(create_app(settings, model=model)) as url:
+        files = [("g", (f"{i}.png", png(grids[i]), "image/png")) for i in range(3)]
+        r = httpx.post(url + "/mrc", files=files)
+        assert r.status_code == 413 and r.json()["error"] == "too_large", r.text
+        assert "can never fit" in r.json()["detail"]
+        r = httpx.post(url + "/mrc", files=files[:2])
+        assert r.status_code == 200, r.text
+    settings = ServiceSettings(metric=fast_settings, max_queue_pixels=128 * 128)
+    with serve_app(create_app(settings, model=model)) as url:
+        r = httpx.post(url + "/mrc", files=[("g", (f"{i}.png", png(grids[i]), "image/png")) for i in range(2)])
+        assert r.status_code == 413 and "pixels" in r.json()["detail"], r.text
+
+
+def test_the_request_pixel_budget_is_checked_before_any_grid_is_decoded(model, fast_settings, grids, monkeypatch):
+    from carve3d_reward.service import requests
+
+    decoded = []
+    monkeypatch.setattr(requests, "grid_from_image", lambda *a, **k: decoded.append(1) or grids[0])
+    settings = ServiceSettings(metric=fast_settings, max_request_pixels=2 * 128 * 128)
+    with serve_app(create_app(settings, model=model)) as url:
+        body = msgpack.packb({"grids": [{"image": png(g)} for g in grids[:3]]}, use_bin_type=True)
+        r = httpx.post(url + "/mrc", content=body, headers={"content-type": "application/msgpack"})
+        assert r.status_code == 413 and "49152 pixels in all" in r.json()["detail"], r.text
+        assert decoded == []
+        body = msgpack.packb({"grids": [{"image": png(g)} for g in grids[:2]]}, use_bin_type=True)
+        r = httpx.post(url + "/mrc", content=body, headers={"content-type": "application/msgpack"})
+        assert r.status_code == 200 and decoded == [1, 1]
+
+
+def test_at_most_decode_threads_grids_are_decoded_at_once(model, fast_settings, grids, monkeypatch) -> None:
+    from carve3d_reward.service import requests
+
+    real = requests.grid_from_image
+    lock, state = threading.Lock(), {"now": 0, "most": 0}
+
+    def slow_decode(*args, **kwargs):
+        with lock:
+            state["now"] += 1
+            state["most"] = max(state["most"], state["now"])
+        try:
+            time.sleep(0.1)  # long enough for the concurrent requests to overlap
+            return real(*args, **kwargs)
+        finally:
+            with lock:
+                state["now"] -= 1
+
+    monkeypatch.setattr(requests, "grid_from_image", slow_decode)
+    settings = ServiceSettings(metric=fast_settings, decode_threads=2)
+    with serve_app(create_app(settings, model=model)) as url, ThreadPoolExecutor(6) as pool:
+        files = [("g", (f"{i}.png", png(grids[i]), "image/png")) for i in range(3)]
+        rs = list(pool.map(lambda _: httpx.post(url + "/mrc", files=files, timeout=60), range(6)))
+    assert all(r.status_code == 200 for r in rs)
+    assert 1 <= state["most"] <= 2, state
+
+
+def test_a_retry_with_another_content_type_is_not_answered_from_the_cache(model, fast_settings, grids) -> None:
+    settings = ServiceSettings(metric=fast_settings)
+    with serve_app(create_app(settings, model=model)) as url:
+        files = {"g": ("a.png", png(grids[0]), "image/png")}
+        request = httpx.Request("POST", url + "/mrc", files=files, headers={"x-request-id": "same-id"})
+        body, ctype = request.read(), request.headers["content-type"]
+        first = httpx.post(url + "/mrc", content=body, headers={"content-type": ctype, "x-request-id": "same-id"})
+        assert first.status_code == 200
+        wrong = ctype.split("boundary=")[0] + "boundary=another"  # the same bytes no longer parse
+        retry = httpx.post(url + "/mrc", content=body, headers={"content-type": wrong, "x-request-id": "same-id"})
+        assert retry.status_code == 400 and retry.json()["error"] == "bad_multipart"
+
+
+def test_the_cli_and_the_service_score_a_16_bit_png_identically(model, fast_settings, tmp_path) -> None:
+    from carve3d_reward.cli import score_files
+
+    rng = np.random.default_rng(5)
+    grid = np.full((256, 256, 3), 65535, np.uint16)  # 128 px views: reduced to the 64 px working size
+    grid[40:90, 40:90] = rng.integers(0, 65535, (50, 50, 3))  # values between the 8-bit levels
+    grid[40:90, 168:218] = rng.integers(0, 65535, (50, 50, 3))
+    grid[168:218, 40:90] = grid[40:90, 40:90]
+    grid[168:218, 168:218] = grid[40:90, 168:218]
+    data = png_file(256, 256, png_rows(grid), bit_depth=16, colour=2)
+    (tmp_path / "g16.png").write_bytes(data)
+    rows, invalid = score_files([tmp_path / "g16.png"], fast_settings, batch_size=1, renders_dir=None, progress=False)
+    assert invalid == 0
+    with serve_app(create_app(ServiceSettings(metric=fast_settings), model=model)) as url:
+        served = httpx.post(url + "/mrc", content=data, headers={"content-type": "image/png"}).json()
+    assert served["status"] == rows[0]["status"] == "ok"
+    assert served["mrc"] == rows[0]["mrc"]
+    assert [v["distance"] for v in served["views"]] == [v["distance"] for v in rows[0]["views"]]

@@ -32,7 +32,7 @@ from tritonclient.grpc import model_config_pb2
 from carve3d_reward.grid import join_grid, to_uint8_image
 from carve3d_reward.layouts import INSTANT3D_2X2
 from carve3d_reward.model import OUTPUTS, ModelOutputs, MRCModel
-from carve3d_reward.service.app import create_app, make_score_fn
+from carve3d_reward.service.app import create_app
 from carve3d_reward.service.batcher import EngineUnavailableError
 from carve3d_reward.service.settings import ServiceSettings
 from carve3d_reward.service.triton_engine import TritonEngine
@@ -178,13 +178,13 @@ def test_run_requests_batches_by_size_and_isolates_a_failing_request(model, grid
 def test_in_process_results_are_built_from_the_model_callable(model, grids) -> None:
     grids = grids[:2]
     outputs = model(grids)
-    plain = make_score_fn(model)(grids, False)
+    plain = model.score_dicts(grids, return_renders=False)
     assert plain == outputs.grid_results(model.metric_id)
     result = model.score(grids, return_renders=True)
     for name in OUTPUTS:  # the renders path converts like MRCModel.__call__
         np.testing.assert_array_equal(getattr(ModelOutputs.from_result(result), name), getattr(outputs, name))
     assert plain == [g.to_dict() for g in result.grids()]  # and like the library's own GridScore
-    with_renders = make_score_fn(model)(grids, True)
+    with_renders = model.score_dicts(grids, return_renders=True)
     assert all(len(r.pop("renders")) == 4 for r in with_renders)
     assert with_renders == plain
 
@@ -228,7 +228,7 @@ def test_live_model_config_is_the_repository_config(triton) -> None:
 
 
 def test_same_scores_in_process_through_the_gateway_and_raw_tritonclient(triton, gateway, model, grids) -> None:
-    want = make_score_fn(model)(grids, False)
+    want = model.score_dicts(grids, return_renders=False)
     # Gateway -> Triton.
     r = post_raw(gateway, grids)
     assert r.status_code == 200, r.text
@@ -348,7 +348,8 @@ def test_triton_down_answers_503_and_the_gateway_recovers_by_itself(triton, gate
         time.sleep(0.2)
     r = post_raw(gateway, grids[:2])
     assert r.status_code == 200, r.text
-    assert_same_results(msgpack.unpackb(r.content, raw=False)["results"], make_score_fn(model)(grids[:2], False))
+    want = model.score_dicts(grids[:2], return_renders=False)
+    assert_same_results(msgpack.unpackb(r.content, raw=False)["results"], want)
 
 
 # -- the stock model repository on the bundled tritonserver -----------------------------------------
@@ -453,7 +454,8 @@ def test_stock_model_repository_on_tritonserver_scores_like_the_library(model, g
         with serve_app(create_app(settings, model=model, engine=engine)) as url:
             r = post_raw(url, grids)
             assert r.status_code == 200, r.text
-            assert_same_results(msgpack.unpackb(r.content, raw=False)["results"], make_score_fn(model)(grids, False))
+            want = model.score_dicts(grids, return_renders=False)
+            assert_same_results(msgpack.unpackb(r.content, raw=False)["results"], want)
     finally:
         proc.send_signal(signal.SIGINT)
         try:

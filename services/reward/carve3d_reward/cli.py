@@ -105,7 +105,7 @@ def score_files(
     import torch
     from tqdm import tqdm
 
-    from .grid import load_image, split_grid, to_grid_tensor
+    from .grid import load_grid, split_grid, to_grid_tensor
     from .metric import MRC
 
     metric = MRC(settings)
@@ -129,8 +129,8 @@ def score_files(
     bar = tqdm(files, desc="scoring", unit="grid", disable=not progress or len(files) < 2, file=sys.stderr)
     for i, path in enumerate(bar):
         try:
-            grid = to_grid_tensor(load_image(path))
-            views = metric.resize_views(split_grid(grid, metric.layout))[0]
+            grid = load_grid(path, metric.layout, view_size=settings.view_size)  # as the service decodes it
+            views = split_grid(to_grid_tensor(grid), metric.layout)[0]
         except InvalidInputError as exc:
             message = str(exc) if str(exc).startswith(str(path)) else f"{path}: {exc}"
             rows[i] = {"file": str(path), "status": "invalid", "error": message, "metric": metric.metric_id}
@@ -230,6 +230,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     from .model import MRCModel
     from .service.app import create_app
+    from .service.server import JSONErrorH11Protocol
     from .service.settings import ServiceSettings
 
     metric = settings_from_args(args)
@@ -242,6 +243,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
             create_app(settings, model=model, **app_kwargs),
             host=settings.host,
             port=settings.port,
+            http=JSONErrorH11Protocol,
             timeout_graceful_shutdown=settings.drain_timeout_s,
             log_level=args.log_level,
             access_log=args.log_level == "debug",

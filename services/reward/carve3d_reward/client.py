@@ -51,6 +51,7 @@ import numpy as np
 
 from . import __version__
 from .errors import ConfigError, InvalidInputError, MRCError
+from .wire import MAX_REQUEST_ID_LENGTH, REQUEST_ID_RULE, is_valid_request_id
 
 __all__ = [
     "DEFAULT_MAX_GRIDS_PER_REQUEST",
@@ -81,7 +82,6 @@ DEFAULT_MAX_GRIDS_PER_REQUEST = 64
 DEFAULT_MAX_REQUEST_BYTES = 48 << 20  # the service's default body limit is 64 MiB
 MAX_RETRY_AFTER = 60.0  # a longer Retry-After is honoured only up to this many seconds
 PNG_COMPRESS_LEVEL = 3  # zlib level: lossless at any level; 3 is a good size/speed trade-off
-_REQUEST_ID = re.compile(r"[!-~]{1,200}")  # printable ASCII, no spaces: safe in a header
 
 
 # -- errors ---------------------------------------------------------------------------------------------
@@ -594,6 +594,12 @@ class _ClientBase:
         encoded = encode_grids(grids, self.wire)
         chunks = _chunk(encoded, self.max_grids_per_request, self.max_request_bytes)
         out = []
+        longest = base if len(chunks) == 1 else f"{base}-{len(chunks) - 1}"
+        if len(longest) > MAX_REQUEST_ID_LENGTH:
+            raise InvalidInputError(
+                f"request_id {base[:40]!r}... is too long for a batch sent as {len(chunks)} requests "
+                f"('<id>-<index>' must be at most {MAX_REQUEST_ID_LENGTH} characters)"
+            )
         for i, chunk in enumerate(chunks):
             rid = base if len(chunks) == 1 else f"{base}-{i}"
             body = {"grids": chunk, "return_renders": bool(return_renders), "request_id": rid}
@@ -656,10 +662,8 @@ def _b64(value: Any) -> bytes:
 def _check_request_id(request_id: str | None) -> str:
     if request_id is None:
         return str(uuid.uuid4())
-    if not isinstance(request_id, str) or not _REQUEST_ID.fullmatch(request_id):
-        raise InvalidInputError(
-            f"request_id must be 1 to 200 printable ASCII characters without spaces, got {request_id!r}"
-        )
+    if not is_valid_request_id(request_id):
+        raise InvalidInputError(f"request_id must be {REQUEST_ID_RULE}, got {request_id!r:.80}")
     return request_id
 
 

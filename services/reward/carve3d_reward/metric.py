@@ -13,7 +13,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from . import __version__
@@ -21,7 +20,7 @@ from .bbox import crop_resize, foreground_boxes
 from .cameras import Cameras
 from .distances import Distance, build_distance
 from .errors import ConfigError
-from .grid import split_grid
+from .grid import resize_views, split_grid
 from .layouts import GridLayout, get_layout
 from .reconstructors import Reconstructor, build_reconstructor
 from .settings import MetricSettings
@@ -182,10 +181,6 @@ class MRC:
         )
 
     def resize_views(self, views: Tensor) -> Tensor:
-        """Resample views to the working resolution (bicubic, antialiased, clamped)."""
+        """Resample views to the working resolution (a no-op for grids from :func:`grid.decode_grid`)."""
         size = self.settings.view_size
-        b, v, c, h, w = views.shape
-        if size is None or (h == size and w == size):
-            return views
-        flat = F.interpolate(views.reshape(b * v, c, h, w), size=(size, size), mode="bicubic", antialias=True)
-        return flat.clamp(0.0, 1.0).reshape(b, v, c, size, size)
+        return views if size is None else resize_views(views, size)

@@ -4,8 +4,10 @@ Requests append grids to one queue; a collector takes every grid already
 waiting (up to ``max_batch``), waits at most ``max_delay`` for more when the
 batch is not full, and hands the batch to a single worker thread, so the
 event loop never blocks and the device runs one batch at a time. Grids of
-different sizes never share a batch. A full queue is refused at once (the
-caller answers 503) instead of letting requests time out; a batch that raises
+different sizes never share a batch. The queue is bounded in grids
+(``max_queue``) and in pixels (``max_queue_pixels``): a full queue is refused
+at once (the caller answers 503) instead of letting requests time out, and a
+request that could never fit is refused as too large (413); a batch that raises
 is split in halves until the failing grid is isolated, so one bad grid (or an
 out-of-memory batch) fails only itself.
 
@@ -27,9 +29,13 @@ from typing import Any, Protocol
 
 import numpy as np
 
+from .memory import release_memory
 from .metrics import ServiceMetrics
 
 log = logging.getLogger("carve3d_reward.service")
+
+#: After this long with nothing to score, memory freed by the last batches is handed back to the OS.
+IDLE_RELEASE_S = 1.0
 
 #: ``(grids [B, H, W, 3] uint8, return_renders) -> one result dict per grid``.
 ScoreFn = Callable[[np.ndarray, bool], list[dict[str, Any]]]
@@ -70,6 +76,10 @@ class QueueFullError(Exception):
         self.retry_after = retry_after
 
 
+class RequestTooLargeError(Exception):
+    """The request alone holds more grids or pixels than the queue ever takes: retrying cannot help."""
+
+
 class EngineClosedError(Exception):
     """The engine is shutting down and takes no new work."""
 
@@ -78,12 +88,48 @@ class ScoringError(Exception):
     """Scoring this grid raised even in a batch of one."""
 
 
+class _QueueLimits:
+    """Admission to a queue bounded in grids and pixels; ``seconds_per_grid`` feeds Retry-After."""
+
+    def __init__(self, max_queue: int, max_queue_pixels: int) -> None:
+        self.max_queue = max_queue
+        self.max_queue_pixels = max_queue_pixels
+        self.grids = 0
+        self.pixels = 0
+        self.seconds_per_grid = 0.1  # running estimate
+
+    def admit(self, grids: list[np.ndarray]) -> int:
+        """Count ``grids`` in, or raise :class:`RequestTooLargeError` / :class:`QueueFullError`; their pixels."""
+        pixels = sum(g.shape[0] * g.shape[1] for g in grids)
+        if len(grids) > self.max_queue or pixels > self.max_queue_pixels:
+            raise RequestTooLargeError(
+                f"{len(grids)} grids of {pixels} pixels in all can never fit the scoring queue "
+                f"({self.max_queue} grids, {self.max_queue_pixels} pixels); send fewer or smaller grids"
+            )
+        if self.grids + len(grids) > self.max_queue or self.pixels + pixels > self.max_queue_pixels:
+            raise QueueFullError(self.grids, max(1.0, round(self.grids * self.seconds_per_grid)))
+        self.grids += len(grids)
+        self.pixels += pixels
+        return pixels
+
+    def release(self, grids: int, pixels: int) -> None:
+        self.grids -= grids
+        self.pixels -= pixels
+
+    def observe(self, seconds: float, grids: int) -> None:
+        self.seconds_per_grid = 0.8 * self.seconds_per_grid + 0.2 * seconds / grids
+
+
 @dataclass
 class _Item:
     grid: np.ndarray
     want_renders: bool
     future: asyncio.Future[dict[str, Any]]
     enqueued: float = field(default_factory=time.perf_counter)
+
+    @property
+    def pixels(self) -> int:
+        return self.grid.shape[0] * self.grid.shape[1]
 
 
 class DynamicBatcher:
@@ -96,20 +142,19 @@ class DynamicBatcher:
         max_batch: int,
         max_delay_s: float,
         max_queue: int,
+        max_queue_pixels: int = 1 << 62,
         metrics: ServiceMetrics | None = None,
     ) -> None:
         self._score_fn = score_fn
         self.max_batch = max_batch
         self.max_delay_s = max_delay_s
-        self.max_queue = max_queue
+        self.limits = _QueueLimits(max_queue, max_queue_pixels)
         self.metrics = metrics
         self._items: collections.deque[_Item] = collections.deque()
         self._wakeup = asyncio.Event()
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mrc-engine")
         self._task: asyncio.Task[None] | None = None
         self._closing = False
-        self._busy = False
-        self._seconds_per_grid = 0.1  # running estimate, for Retry-After
 
     # -- public ---------------------------------------------------------------------------------------
     @property
@@ -132,9 +177,7 @@ class DynamicBatcher:
         """
         if self._closing or self._task is None:
             raise EngineClosedError("the scoring engine is shutting down")
-        if self.depth + len(grids) > self.max_queue:
-            retry = max(1.0, round(self.depth * self._seconds_per_grid))
-            raise QueueFullError(self.depth, retry)
+        self.limits.admit(grids)
         loop = asyncio.get_running_loop()
         items = [_Item(g, want_renders, loop.create_future()) for g in grids]
         self._items.extend(items)
@@ -153,7 +196,7 @@ class DynamicBatcher:
         self._wakeup.set()
         if not drain:
             while self._items:
-                item = self._items.popleft()
+                item = self._pop()
                 if not item.future.done():
                     item.future.set_exception(EngineClosedError("the scoring engine stopped"))
         if self._task is not None:
@@ -170,19 +213,20 @@ class DynamicBatcher:
             if batch is None:
                 return
             if batch:
-                self._busy = True
-                try:
-                    await self._run(batch)
-                finally:
-                    self._busy = False
+                await self._run(batch)
 
     async def _next_batch(self) -> list[_Item] | None:
         loop = asyncio.get_running_loop()
+        scored_since_release = True
         while not self._items:
             if self._closing:
                 return None
             self._wakeup.clear()
-            await self._wakeup.wait()
+            try:  # idle for a while after scoring: hand the batches' freed memory back to the OS, once
+                await asyncio.wait_for(self._wakeup.wait(), IDLE_RELEASE_S if scored_since_release else None)
+            except TimeoutError:
+                await loop.run_in_executor(self._executor, release_memory)
+                scored_since_release = False
         deadline = loop.time() + self.max_delay_s
         while len(self._items) < self.max_batch and not self._closing:
             remaining = deadline - loop.time()
@@ -198,11 +242,21 @@ class DynamicBatcher:
         while self._items and len(batch) < self.max_batch:
             item = self._items.popleft()
             if item.future.done():  # its request timed out or was cancelled
+                self.limits.release(1, item.pixels)
                 continue
-            (batch if item.grid.shape == shape else keep).append(item)
+            if item.grid.shape == shape:
+                self.limits.release(1, item.pixels)
+                batch.append(item)
+            else:
+                keep.append(item)
         self._items.extendleft(reversed(keep))
         self._update_depth()
         return batch
+
+    def _pop(self) -> _Item:
+        item = self._items.popleft()
+        self.limits.release(1, item.pixels)
+        return item
 
     async def _run(self, batch: list[_Item]) -> None:
         batch = [it for it in batch if not it.future.done()]
@@ -217,13 +271,13 @@ class DynamicBatcher:
         loop = asyncio.get_running_loop()
         try:
             results = await loop.run_in_executor(self._executor, self._score_fn, grids, want)
-        except Exception as exc:  # noqa: BLE001 - isolate the failing grid, never lose the others
+        except Exception as exc:
             if self.metrics is not None:
                 self.metrics.batch_failures.inc()
             if len(batch) == 1:
-                log.warning("scoring failed for one grid: %s", exc)
+                log.warning("scoring failed for one grid", exc_info=exc)
                 if not batch[0].future.done():
-                    batch[0].future.set_exception(ScoringError(f"{type(exc).__name__}: {exc}"))
+                    batch[0].future.set_exception(ScoringError(str(exc) or "the scoring function raised"))
                 return
             log.warning("a batch of %d failed (%s); retrying it in halves", len(batch), exc)
             half = len(batch) // 2
@@ -231,7 +285,7 @@ class DynamicBatcher:
             await self._run(batch[half:])
             return
         elapsed = time.perf_counter() - start
-        self._seconds_per_grid = 0.8 * self._seconds_per_grid + 0.2 * elapsed / len(batch)
+        self.limits.observe(elapsed, len(batch))
         if self.metrics is not None:
             self.metrics.compute_seconds.observe(elapsed)
             self.metrics.batch_size.observe(len(batch))
@@ -250,27 +304,34 @@ class PassThroughBatcher:
     """The :class:`DynamicBatcher` interface for an engine that batches across requests itself.
 
     A request's grids are sent at once, one engine call per grid size (in
-    parallel); nothing waits to be gathered here. ``max_queue`` caps the grids
-    in flight (beyond it: :class:`QueueFullError`), a failing call is split in
+    parallel); nothing waits to be gathered here. ``max_queue`` and
+    ``max_queue_pixels`` cap the grids in flight (beyond them:
+    :class:`QueueFullError`, or :class:`RequestTooLargeError` for a request
+    that could never fit), a failing call is split in
     halves down to the failing grid (:class:`ScoringError`), and
     :class:`EngineUnavailableError` fails the whole request, to be answered 503.
     """
 
-    def __init__(self, score_fn: AsyncScoreFn, *, max_queue: int, metrics: ServiceMetrics | None = None) -> None:
+    def __init__(
+        self,
+        score_fn: AsyncScoreFn,
+        *,
+        max_queue: int,
+        max_queue_pixels: int = 1 << 62,
+        metrics: ServiceMetrics | None = None,
+    ) -> None:
         self._score_fn = score_fn
-        self.max_queue = max_queue
+        self.limits = _QueueLimits(max_queue, max_queue_pixels)
         self.metrics = metrics
-        self._in_flight = 0
         self._idle = asyncio.Event()
         self._idle.set()
         self._started = False
         self._closing = False
-        self._seconds_per_grid = 0.1
 
     @property
     def depth(self) -> int:
         """Grids sent to the engine and not yet answered."""
-        return self._in_flight
+        return self.limits.grids
 
     @property
     def running(self) -> bool:
@@ -282,18 +343,18 @@ class PassThroughBatcher:
     async def submit(self, grids: list[np.ndarray], want_renders: bool = False) -> list[dict[str, Any] | ScoringError]:
         if self._closing or not self._started:
             raise EngineClosedError("the scoring engine is shutting down")
-        if self._in_flight + len(grids) > self.max_queue:
-            raise QueueFullError(self._in_flight, max(1.0, round(self._in_flight * self._seconds_per_grid)))
+        pixels = self.limits.admit(grids)
+        self._changed()
         groups: dict[tuple[int, ...], list[int]] = {}
         for i, g in enumerate(grids):
             groups.setdefault(g.shape, []).append(i)
-        self._add(len(grids))
         try:
             scored = await asyncio.gather(
                 *(self._run(np.stack([grids[i] for i in idx]), want_renders) for idx in groups.values())
             )
         finally:
-            self._add(-len(grids))
+            self.limits.release(len(grids), pixels)
+            self._changed()
         results: list[dict[str, Any] | ScoringError] = [ScoringError("not scored")] * len(grids)
         for idx, group in zip(groups.values(), scored, strict=True):
             for i, res in zip(idx, group, strict=True):
@@ -309,7 +370,7 @@ class PassThroughBatcher:
             try:
                 await asyncio.wait_for(self._idle.wait(), timeout)
             except TimeoutError:
-                log.warning("%d grids still in flight after the drain timeout", self._in_flight)
+                log.warning("%d grids still in flight after the drain timeout", self.limits.grids)
 
     async def _run(self, grids: np.ndarray, want_renders: bool) -> list[dict[str, Any] | ScoringError]:
         start = time.perf_counter()
@@ -319,12 +380,12 @@ class PassThroughBatcher:
                 raise RuntimeError(f"the engine answered {len(results)} results for {len(grids)} grids")
         except EngineUnavailableError:
             raise
-        except Exception as exc:  # noqa: BLE001 - isolate the failing grid, never lose the others
+        except Exception as exc:
             if self.metrics is not None:
                 self.metrics.batch_failures.inc()
             if len(grids) == 1:
-                log.warning("scoring failed for one grid: %s", exc)
-                return [ScoringError(f"{type(exc).__name__}: {exc}")]
+                log.warning("scoring failed for one grid", exc_info=exc)
+                return [ScoringError(str(exc) or "the scoring function raised")]
             log.warning("a batch of %d failed (%s); retrying it in halves", len(grids), exc)
             half = len(grids) // 2
             first, second = await asyncio.gather(
@@ -332,17 +393,16 @@ class PassThroughBatcher:
             )
             return [*first, *second]
         elapsed = time.perf_counter() - start
-        self._seconds_per_grid = 0.8 * self._seconds_per_grid + 0.2 * elapsed / len(grids)
+        self.limits.observe(elapsed, len(grids))
         if self.metrics is not None:
             self.metrics.compute_seconds.observe(elapsed)
             self.metrics.batch_size.observe(len(grids))
         return list(results)
 
-    def _add(self, n: int) -> None:
-        self._in_flight += n
-        if self._in_flight:
+    def _changed(self) -> None:
+        if self.limits.grids:
             self._idle.clear()
         else:
             self._idle.set()
         if self.metrics is not None:
-            self.metrics.queue_depth.set(self._in_flight)
+            self.metrics.queue_depth.set(self.limits.grids)

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 from typing import Any
 
+from fastapi import FastAPI
 from pydantic import BaseModel, Field
 
 
 class GridModel(BaseModel):
-    image: str | None = Field(None, description="PNG/JPEG bytes (base64 in JSON, raw bytes in msgpack).")
+    image: str | None = Field(None, description="PNG, JPEG or WebP bytes (base64 in JSON, raw bytes in msgpack).")
     data: str | None = Field(None, description="Raw row-major uint8 pixels (base64 in JSON).")
     shape: list[int] | None = Field(None, description="[H, W, 3] of data.")
     dtype: str = Field("uint8", description="Only 'uint8'.")
@@ -58,3 +59,41 @@ class InfoModel(BaseModel):
     cameras: dict[str, Any]
     limits: dict[str, Any]
     device: str
+
+
+#: ``POST /mrc``'s query parameter and request bodies (parsed by hand, so described here for the OpenAPI document).
+SCORE_OPENAPI: dict[str, Any] = {
+    "parameters": [{"name": "return_renders", "in": "query", "schema": {"type": "boolean"}, "required": False}],
+    "requestBody": {
+        "required": True,
+        "content": {
+            "image/png": {"schema": {"type": "string", "format": "binary"}},
+            "image/jpeg": {"schema": {"type": "string", "format": "binary"}},
+            "image/webp": {"schema": {"type": "string", "format": "binary"}},
+            "multipart/form-data": {
+                "schema": {
+                    "type": "object",
+                    "properties": {"grid": {"type": "array", "items": {"type": "string", "format": "binary"}}},
+                }
+            },
+            "application/msgpack": {"schema": {"$ref": "#/components/schemas/ScoreRequestModel"}},
+            "application/json": {"schema": {"$ref": "#/components/schemas/ScoreRequestModel"}},
+        },
+    },
+}
+
+
+def document_request_body(app: FastAPI) -> None:
+    """Add the msgpack/JSON request message to the OpenAPI components (it is parsed by hand)."""
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            schema = FastAPI.openapi(app)
+            request = ScoreRequestModel.model_json_schema(ref_template="#/components/schemas/{model}")
+            components = schema.setdefault("components", {}).setdefault("schemas", {})
+            components.update(request.pop("$defs", {}))
+            components["ScoreRequestModel"] = request
+            app.openapi_schema = schema
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]

@@ -27,16 +27,29 @@ class ServiceSettings(BaseSettings):
     max_batch: int = Field(16, ge=1, le=1024, description="Most grids scored in one batch.")
     max_delay_ms: float = Field(5.0, ge=0.0, le=10_000, description="Longest wait for a batch to fill.")
     max_queue: int = Field(256, ge=1, description="Most grids waiting; beyond it requests get 503 at once.")
+    max_queue_pixels: int = Field(
+        256 * 1024 * 1024, ge=256, description="Most pixels waiting, at the working resolution (503 beyond, at once)."
+    )
     request_timeout_s: float = Field(120.0, gt=0, description="Per-request deadline on the server (then 504).")
     drain_timeout_s: float = Field(60.0, ge=0, description="On SIGTERM, how long to finish accepted requests.")
     auth_token: SecretStr | None = Field(None, description="Bearer token required on every request (unset: none).")
     open_health: bool = Field(True, description="/healthz and /readyz need no token.")
     open_metrics: bool = Field(True, description="/metrics needs no token.")
     max_body_bytes: int = Field(64 << 20, ge=1024, description="Largest request body (413 beyond).")
-    max_pixels: int = Field(4096 * 4096, ge=256, description="Largest grid, in pixels (decompression-bomb guard).")
+    max_pixels: int = Field(
+        4096 * 4096, ge=256, description="Largest grid, in pixels, read from its header before decoding (413 beyond)."
+    )
+    max_request_pixels: int = Field(
+        256 * 1024 * 1024, ge=256, description="Most pixels of all the grids of one request, before decoding (413)."
+    )
     max_grids: int = Field(256, ge=1, description="Most grids in one request.")
-    idempotency_ttl_s: float = Field(600.0, ge=0, description="How long a request id's result is remembered.")
-    idempotency_max: int = Field(4096, ge=0, description="Most request ids remembered.")
+    decode_threads: int = Field(
+        2, ge=1, le=64, description="Grids decoded at once across all requests (bounds the memory decoding takes)."
+    )
+    idempotency_ttl_s: float = Field(
+        600.0, ge=0, description="How long a repeated request (same id, body and options) is answered from memory."
+    )
+    idempotency_max: int = Field(4096, ge=0, description="Most requests remembered for idempotent retries.")
     triton_url: str | None = Field(
         None,
         description="Engine 'triton': gRPC host:port of a running Triton serving model 'mrc' (e.g. the stock "

@@ -1,0 +1,1 @@
+"""The malformed-request corpus of ``tests/test_service_fuzz.py``, one module per topic."""
