@@ -7,7 +7,7 @@ STAMP  := $(VENV)/.installed
 TORCH  ?= torch==2.14.1 torchvision==0.29.1
 OUT    ?= out
 
-.PHONY: venv demo test lint bench validate clean up down
+.PHONY: venv demo test test-fast lint bench validate clean up down
 
 $(STAMP): services/reward/pyproject.toml services/trainer/pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -26,6 +26,11 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/pytest
+
+## The quick loop while developing: lint and every test not marked slow (under 2 minutes on 2 cores).
+test-fast: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/pytest -m "not slow"
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from carve3d_reward.grid import join_grid, split_grid
 from carve3d_reward.metric import MRC
 from carve3d_reward.settings import MetricSettings
-from carve3d_reward.synthetic import inconsistent_views, random_scenes
+from carve3d_reward.tools.synthetic import inconsistent_views, random_scenes
 
 
 def loop_mrc(metric: MRC, grids: torch.Tensor) -> torch.Tensor:

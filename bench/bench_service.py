@@ -46,11 +46,13 @@ import torch
 from PIL import Image
 
 from carve3d_reward.model import MRCModel
+from carve3d_reward.pixels import to_uint8
+from carve3d_reward.scores import Status
 from carve3d_reward.service.launch import free_port, serve_subprocess
 from carve3d_reward.settings import MetricSettings
-from carve3d_reward.synthetic import make_grids
+from carve3d_reward.tools.synthetic import make_grids
 
-SCORED = ("ok", "empty_view")
+SCORED = (Status.OK, Status.EMPTY_VIEW)
 
 
 # -- the server --------------------------------------------------------------------------------------
@@ -94,7 +96,7 @@ def server_batch_stats(url: str) -> dict[str, float]:
 def grid_pool(n: int, view_size: int, seed: int = 0) -> np.ndarray:
     """``n`` synthetic consistent grids, ``uint8 [n, 2*view_size, 2*view_size, 3]``."""
     grids = make_grids(n, seed, view_size=view_size)
-    return np.clip(np.rint(grids.permute(0, 2, 3, 1).numpy() * 255.0), 0, 255).astype(np.uint8)
+    return to_uint8(grids.permute(0, 2, 3, 1)).numpy()
 
 
 def encode_bodies(pool: np.ndarray, wire: str) -> tuple[list[bytes], dict[str, str]]:

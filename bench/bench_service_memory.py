@@ -38,9 +38,9 @@ from pathlib import Path
 import httpx
 from PIL import Image
 
-from carve3d_reward.grid import to_uint8
+from carve3d_reward.pixels import to_uint8
 from carve3d_reward.service.launch import free_port, stop, wait_ready
-from carve3d_reward.synthetic import make_grids
+from carve3d_reward.tools.synthetic import make_grids
 
 REPO = Path(__file__).resolve().parents[1]
 SIDE = 4096

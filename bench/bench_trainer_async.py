@@ -19,7 +19,7 @@ from pathlib import Path
 
 from torch import Tensor
 
-from carve3d_reward.client import ScoreResult
+from carve3d_reward.scores import GridScore
 from carve3d_reward.service.launch import serve_subprocess
 from carve3d_trainer.config import load_config
 from carve3d_trainer.demo import DEMO_SERVICE_ARGS
@@ -30,7 +30,7 @@ from carve3d_trainer.trainer import Trainer
 class SynchronousRewards(ServiceRewards):
     """Waits for each batch's scores before returning: no overlap with sampling."""
 
-    def submit(self, images: Tensor, request_id: str, *, renders: bool = False) -> Future[list[ScoreResult]]:
+    def submit(self, images: Tensor, request_id: str, *, renders: bool = False) -> Future[list[GridScore]]:
         future = super().submit(images, request_id, renders=renders)
         start = time.perf_counter()
         future.result()

@@ -32,8 +32,9 @@ import httpx
 import msgpack
 import numpy as np
 
+from carve3d_reward.pixels import to_uint8
 from carve3d_reward.service.launch import free_port, serve_subprocess
-from carve3d_reward.synthetic import make_grids
+from carve3d_reward.tools.synthetic import make_grids
 
 
 @contextlib.contextmanager
@@ -122,7 +123,7 @@ def main() -> int:
         args.requests, args.view_size = 32, 64
     concurrencies = [int(c) for c in args.concurrency.split(",")]
     pool = make_grids(16, 0, view_size=args.view_size)
-    grids = np.clip(np.rint(pool.permute(0, 2, 3, 1).numpy() * 255.0), 0, 255).astype(np.uint8)
+    grids = to_uint8(pool.permute(0, 2, 3, 1)).numpy()
     bodies = [
         msgpack.packb({"grids": [{"data": g.tobytes(), "shape": list(g.shape), "dtype": "uint8"}]}, use_bin_type=True)
         for g in grids

@@ -6,7 +6,7 @@ import torch
 from carve3d_reward.layouts import INSTANT3D_2X2
 from carve3d_reward.metric import MRC
 from carve3d_reward.settings import MetricSettings
-from carve3d_reward.synthetic import SceneBatch, random_scenes, render_scenes
+from carve3d_reward.tools.synthetic import SceneBatch, random_scenes, render_scenes
 
 VIEW = 64
 

@@ -16,14 +16,14 @@ import pytest
 import torch
 from torch import Tensor
 
-from carve3d_reward.camera_figure import (
+from carve3d_reward.layouts import INSTANT3D_2X2
+from carve3d_reward.tools.camera_figure import (
     AXIS_MARKERS,
     axis_marker_scene,
     expected_sides,
     render_axis_markers,
     write_camera_figure,
 )
-from carve3d_reward.layouts import INSTANT3D_2X2
 
 S = 64  # view size for the pixel checks (small: fast)
 C = S / 2

@@ -5,7 +5,7 @@ import math
 import torch
 
 from carve3d_reward.reconstructors.carve import CarveConfig, CarveReconstructor
-from carve3d_reward.synthetic import SceneBatch, render_scenes
+from carve3d_reward.tools.synthetic import SceneBatch, render_scenes
 
 S = 64
 

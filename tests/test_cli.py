@@ -67,6 +67,7 @@ def test_score_table_and_sheets(grid_dir, tmp_path, capsys) -> None:
         assert img.width > 5 * 64 and img.height > 4 * 64
 
 
+@pytest.mark.slow
 def test_same_file_gives_same_score_as_library(grid_dir, capsys, clean_views) -> None:
     from carve3d_reward.metric import MRC
     from carve3d_reward.settings import MetricSettings
@@ -159,6 +160,7 @@ def test_weights_fetch_offline_is_a_clear_error(tmp_path, capsys, monkeypatch) -
     assert_one_line_error(code, err, "could not download")
 
 
+@pytest.mark.slow
 def test_validate_writes_plot_and_tables(tmp_path, capsys) -> None:
     out_dir = tmp_path / "val"
     argv = ["validate", "--objects", "2", "--levels", "0,1", "--kinds", "patch,colour", "--distances", "l1"]
@@ -173,6 +175,7 @@ def test_validate_writes_plot_and_tables(tmp_path, capsys) -> None:
     assert "monotone" in out
 
 
+@pytest.mark.slow
 def test_demo_runs_and_ranks_consistent_grids_lowest(tmp_path, capsys) -> None:
     code, out, _ = run(["demo", "--out", str(tmp_path), "--objects", "2", *FAST], capsys)
     assert code == 0
@@ -181,6 +184,7 @@ def test_demo_runs_and_ranks_consistent_grids_lowest(tmp_path, capsys) -> None:
     assert len(json.loads((tmp_path / "scores.json").read_text())) == 8
 
 
+@pytest.mark.slow
 def test_console_script_runs_without_traceback(tmp_path) -> None:
     exe = Path(sys.executable).with_name("mrc")
     proc = subprocess.run([str(exe), "score", str(tmp_path)], capture_output=True, text=True, timeout=120)
@@ -190,6 +194,7 @@ def test_console_script_runs_without_traceback(tmp_path) -> None:
     assert version.returncode == 0 and "mrc" in version.stdout
 
 
+@pytest.mark.slow
 def test_cameras_figure_command(tmp_path, capsys) -> None:
     out = tmp_path / "cams.png"
     code, text, _ = run(["cameras", "--out", str(out), "--azimuth0-deg", "45"], capsys)

@@ -32,6 +32,7 @@ from starlette.routing import Route
 
 from carve3d_reward.client import (
     AsyncMRCClient,
+    GridScore,
     MRCClient,
     MRCRequestError,
     MRCUnavailableError,
@@ -304,7 +305,8 @@ def test_score_sends_pixels_losslessly_in_order(fake, url, wire):
     for arr, sent in zip(fake.seen, batch, strict=True):
         np.testing.assert_array_equal(arr, sent)
     assert [r.mrc for r in results] == pytest.approx([g.mean() / 255 for g in batch])
-    assert all(isinstance(r, ScoreResult) and r.ok and r.valid and r.reward == -r.mrc for r in results)
+    assert ScoreResult is GridScore  # the client's name for the one score type
+    assert all(isinstance(r, GridScore) and r.ok and r.valid and r.reward == -r.mrc for r in results)
     assert results[0].metric == "fake-mean" and len(results[0].views) == 4 and results[0].request_id == "req-1"
     (attempt,) = fake.attempts
     assert attempt.header_id == attempt.body_id == "req-1" and attempt.content_type == "application/msgpack"
@@ -354,7 +356,7 @@ def test_renders_are_returned_and_decoded(fake, url):
     tiles = with_renders[1].render_arrays()
     assert len(tiles) == 4 and tiles[0].dtype == np.uint8
     np.testing.assert_array_equal(tiles[3], batch[1][16:, 16:])
-    out = rewards([*with_renders, ScoreResult(mrc=None, reward=None, status="invalid", error="bad")])
+    out = rewards([*with_renders, GridScore(mrc=None, reward=None, status="invalid", error="bad")])
     assert np.isnan(out[2]) and out[:2] == pytest.approx([-r.mrc for r in with_renders])
 
 

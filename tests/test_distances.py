@@ -289,7 +289,7 @@ def test_lpips_corrupt_file_is_a_clear_error(tmp_path: Path, alex_features, kind
 def test_lpips_missing_key_is_named(tmp_path: Path, alex_features) -> None:
     state = {k: v for k, v in alex_features.items() if k != "features.6.weight"}
     path, sha = _save(state, tmp_path / "missing.pth")
-    with pytest.raises(WeightsMismatchError, match=r"missing: features\.6\.weight"):
+    with pytest.raises(WeightsMismatchError, match=r"1 missing \(features\.6\.weight\)"):
         build_distance("lpips-alex", trunk_path=path, trunk_sha256=sha)
 
 
@@ -299,7 +299,8 @@ def test_lpips_unexpected_and_misshapen_keys(tmp_path: Path, alex_features) -> N
     path, _ = _save(state, tmp_path / "odd.pth")
     with pytest.raises(WeightsMismatchError) as e:
         build_distance("lpips-alex", trunk_path=path)
-    assert "unexpected: features.1.running_mean" in str(e.value) and "features.3.bias (7,)" in str(e.value)
+    assert "1 unexpected (features.1.running_mean)" in str(e.value)
+    assert "features.3.bias: file [7], model [192]" in str(e.value)
 
 
 def test_default_location_hash_mismatch(torch_home: Path) -> None:
@@ -324,6 +325,7 @@ def test_default_location_valid_file_loads(torch_home: Path, alex_features, monk
     assert (d(x, small) > 0).all()
 
 
+@pytest.mark.slow
 def test_lpips_vgg_with_random_features(tmp_path: Path, images) -> None:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(3)

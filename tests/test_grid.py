@@ -20,9 +20,9 @@ from carve3d_reward.grid import (
     resize_views,
     split_grid,
     to_grid_tensor,
-    to_uint8,
 )
 from carve3d_reward.layouts import INSTANT3D_2X2, GridLayout
+from carve3d_reward.pixels import to_uint8
 
 
 def encode(img: Image.Image, fmt: str = "PNG", **kw: object) -> bytes:
@@ -222,3 +222,12 @@ def test_decode_grid_checks_the_size_from_the_header_before_decoding() -> None:
     with pytest.raises(TooManyPixelsError) as info:
         decode_grid(encode(Image.new("RGB", (128, 128))), INSTANT3D_2X2, view_size=64, max_pixels=100)
     assert info.value.status == 413
+
+
+def test_one_quantisation_rule_for_numpy_and_torch() -> None:
+    values = np.array([-0.2, 0.0, 0.5 / 255, 1.5 / 255, 2.5 / 255, 0.5, 1.0, 1.7], np.float32)
+    from_numpy = to_uint8(values)
+    from_torch = to_uint8(torch.from_numpy(values))
+    assert from_numpy.dtype == np.uint8 and from_torch.dtype == torch.uint8
+    np.testing.assert_array_equal(from_numpy, from_torch.numpy())
+    assert from_numpy.tolist() == [0, 0, 0, 2, 2, 128, 255, 255]  # clipped; halves go to the even neighbour

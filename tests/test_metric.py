@@ -6,10 +6,11 @@ import torch
 from carve3d_reward.cameras import Cameras
 from carve3d_reward.grid import join_grid
 from carve3d_reward.layouts import INSTANT3D_2X2, LAYOUTS, GridLayout
-from carve3d_reward.metric import MRC, STATUS_EMPTY_VIEW, STATUS_OK
+from carve3d_reward.metric import MRC
 from carve3d_reward.reconstructors import Reconstructor
+from carve3d_reward.scores import GridScore, Status
 from carve3d_reward.settings import MetricSettings
-from carve3d_reward.synthetic import random_scenes, render_scenes
+from carve3d_reward.tools.synthetic import random_scenes, render_scenes
 
 from .conftest import VIEW
 
@@ -34,6 +35,7 @@ def test_identical_render_scores_zero(fast_settings, clean_views, distance) -> N
     assert result.valid.all()
 
 
+@pytest.mark.slow
 def test_consistent_grid_scores_lower_than_one_with_a_view_replaced(metric, clean_views, cameras) -> None:
     others = render_scenes(random_scenes(len(clean_views), seed=99), cameras, VIEW)
     broken = clean_views.clone()
@@ -49,6 +51,7 @@ def test_grids_and_views_give_the_same_scores(metric, clean_views) -> None:
     torch.testing.assert_close(metric(grids).mrc, metric.score_views(clean_views).mrc, rtol=0, atol=0)
 
 
+@pytest.mark.slow
 def test_batch_equals_per_sample_and_is_deterministic(metric, clean_views) -> None:
     batched = metric.score_views(clean_views)
     singles = torch.cat([metric.score_views(clean_views[i : i + 1]).mrc for i in range(len(clean_views))])
@@ -64,12 +67,24 @@ def test_empty_view_gets_the_worst_distance_and_a_status(metric, clean_views) ->
     assert result.empty.tolist() == [[False] * 4, [False, False, False, True]]
     assert result.distances[1, 3] == metric.distance.worst
     assert result.valid.tolist() == [True, False]
-    assert result.status(0) == STATUS_OK and result.status(1) == STATUS_EMPTY_VIEW
+    scores = result.scores()
+    assert scores[0].status is Status.OK and scores[1].status is Status.EMPTY_VIEW
     assert result.mrc[1] > 0.25  # never a silent 0: the empty view dominates the score
-    d = result.grid(1).to_dict()
+    d = scores[1].to_wire()
     assert d["status"] == "empty_view" and d["views"][3]["empty"] is True
     assert d["reward"] == -d["mrc"] and d["metric"] == metric.metric_id and d["version"]
     assert len(d["views"][0]["bbox"]) == 4
+    assert GridScore.from_wire(d) == scores[1]  # the wire round-trips
+
+
+def test_an_unscored_grid_is_never_a_silent_zero(metric) -> None:
+    bad = GridScore.invalid("views must be square", metric.metric_id)
+    wire = bad.to_wire()
+    assert wire["mrc"] is None and wire["reward"] is None and wire["status"] == "invalid" and wire["views"] == []
+    assert wire["error"] == "views must be square" and wire["version"] and wire["metric"] == metric.metric_id
+    assert not bad.ok and GridScore.from_wire(wire) == bad
+    with pytest.raises(ValueError):
+        GridScore.from_wire({"status": "fine"})  # not a status
 
 
 def test_views_are_resampled_to_the_working_size(fast_settings, clean_views) -> None:
@@ -98,6 +113,7 @@ def test_settings_come_from_the_environment(monkeypatch) -> None:
     assert MetricSettings(distance="l1").distance == "l1"  # explicit values win
 
 
+@pytest.mark.slow
 def test_other_layouts_work_without_touching_the_metric(monkeypatch, fast_settings) -> None:
     six = GridLayout("3x2-test", 2, 3, (30.0, 90.0, 150.0, 210.0, 270.0, 330.0), (20.0, -10.0) * 3)
     monkeypatch.setitem(LAYOUTS, six.name, six)

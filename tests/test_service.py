@@ -70,6 +70,16 @@ def test_health_ready_info_and_openapi(server, model) -> None:
     assert "ScoreRequestModel" in spec["components"]["schemas"]
 
 
+def test_the_documented_score_shape_is_the_wire_shape() -> None:
+    from carve3d_reward.scores import GridScore, Status, ViewScore
+    from carve3d_reward.service.schemas import GridScoreModel, ViewScoreModel
+
+    full = GridScore(0.1, -0.1, Status.OK, [ViewScore(0.1, (0, 0, 1, 1), False)], "m", error="e", renders=[b"png"])
+    assert set(full.to_wire()) == set(GridScoreModel.model_fields)
+    assert set(full.views[0].to_wire()) == set(ViewScoreModel.model_fields)
+    assert set(GridScoreModel.model_json_schema()["$defs"]["Status"]["enum"]) == {s.value for s in Status}
+
+
 def test_png_body_scores_like_the_library(server, model, grids) -> None:
     r = httpx.post(server + "/mrc", content=png(grids[0]), headers={"content-type": "image/png"})
     assert r.status_code == 200, r.text
@@ -170,6 +180,7 @@ def test_errors_are_json_with_a_reason(server, kwargs, status, code, needle) -> 
     assert body["error"] == code and needle in body["detail"] and body["request_id"]
 
 
+@pytest.mark.slow
 def test_envelope_errors_fail_the_request_and_entry_errors_fail_only_their_grid(server, grids) -> None:
     def post(obj):
         return httpx.post(
@@ -254,7 +265,7 @@ class CountingScore:
     """Wraps the real score function: counts grids scored, can sleep or fail on demand."""
 
     def __init__(self, model: MRCModel, *, sleep: float = 0.0, fail_batches_over: int | None = None) -> None:
-        self.inner = lambda grids, renders: model.score_dicts(grids, return_renders=renders)
+        self.inner = lambda grids, renders: model.score_grids(grids, return_renders=renders)
         self.sleep = sleep
         self.fail_batches_over = fail_batches_over
         self.grids = 0
@@ -275,6 +286,7 @@ class CountingScore:
         return self.inner(grids, want_renders)
 
 
+@pytest.mark.slow
 def test_failed_batch_is_split_and_only_the_bad_grid_fails(model, fast_settings, grids) -> None:
     score = CountingScore(model, fail_batches_over=2)
     settings = ServiceSettings(metric=fast_settings, max_batch=8, max_delay_ms=100)
@@ -293,6 +305,7 @@ def test_failed_batch_is_split_and_only_the_bad_grid_fails(model, fast_settings,
     assert score.batches[0] == 6 and max(score.batches[1:]) <= 3  # split in halves after the failure
 
 
+@pytest.mark.slow
 def test_full_queue_answers_503_at_once(model, fast_settings, grids) -> None:
     score = CountingScore(model, sleep=1.0)
     settings = ServiceSettings(metric=fast_settings, max_batch=1, max_delay_ms=0, max_queue=2)
@@ -375,6 +388,7 @@ def test_float_tensor_helper_matches_uint8_path(model, clean_views) -> None:
     np.testing.assert_allclose(model(u8).mrc, model.score(as_float).mrc.numpy(), atol=1e-7)
 
 
+@pytest.mark.slow
 def test_python_client_against_the_real_service(server, model, grids) -> None:
     """The client library and the server agree on the wire (raw and PNG), order and request ids."""
     import asyncio
@@ -442,6 +456,7 @@ def test_the_request_pixel_budget_is_checked_before_any_grid_is_decoded(model, f
         assert r.status_code == 200 and decoded == [1, 1]
 
 
+@pytest.mark.slow
 def test_at_most_decode_threads_grids_are_decoded_at_once(model, fast_settings, grids, monkeypatch) -> None:
     from carve3d_reward.service import requests
 
@@ -482,7 +497,7 @@ def test_a_retry_with_another_content_type_is_not_answered_from_the_cache(model,
 
 
 def test_the_cli_and_the_service_score_a_16_bit_png_identically(model, fast_settings, tmp_path) -> None:
-    from carve3d_reward.cli import score_files
+    from carve3d_reward.tools.files import score_files
 
     rng = np.random.default_rng(5)
     grid = np.full((256, 256, 3), 65535, np.uint16)  # 128 px views: reduced to the 64 px working size

@@ -36,7 +36,7 @@ from carve3d_reward.model import MRCModel
 from carve3d_reward.service.app import create_app
 from carve3d_reward.service.settings import ServiceSettings
 from carve3d_reward.settings import MetricSettings
-from carve3d_reward.synthetic import make_grids
+from carve3d_reward.tools.synthetic import make_grids
 
 from .fuzz.corpus import build_corpus
 from .fuzz.encoders import ERROR, MAX_BODY, MAX_PIXELS, MAX_REQUEST_PIXELS, VIEW_SIZE, Case, encode, locally_invalid
@@ -246,6 +246,7 @@ def test_corpus_is_large_deterministic_and_covers_every_category(good_grids, cor
     print("\nfuzz corpus:", dict(sorted(counts.items())), "total", len(corpus))
 
 
+@pytest.mark.slow
 def test_malformed_requests_get_json_4xx_never_5xx(server, client, corpus, good_grids):
     failures: list[str] = []
     slowest: list[tuple[float, str]] = []

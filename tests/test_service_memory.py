@@ -19,12 +19,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from carve3d_reward.grid import to_uint8
-from carve3d_reward.synthetic import make_grids
+from carve3d_reward.pixels import to_uint8
+from carve3d_reward.tools.synthetic import make_grids
 
 from .serving import serve_process
 
-pytestmark = pytest.mark.timeout(300)
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
 
 SIDE = 4096
 #: docs/api.md: a decode holds at most about 24 bytes per pixel of the grid being decoded, one grid at a time per

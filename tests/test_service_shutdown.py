@@ -9,12 +9,15 @@ from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import numpy as np
+import pytest
 from PIL import Image
 
 from carve3d_reward.grid import join_grid, to_uint8_image
 from carve3d_reward.layouts import INSTANT3D_2X2
 
 from .serving import serve_process
+
+pytestmark = pytest.mark.slow  # `mrc serve` in a child process
 
 
 def _gauge(url: str, name: str) -> float:

@@ -10,7 +10,7 @@ import torch
 
 from carve3d_reward.grid import join_grid, split_grid
 from carve3d_reward.layouts import INSTANT3D_2X2
-from carve3d_reward.synthetic import (
+from carve3d_reward.tools.synthetic import (
     BOX,
     ELLIPSOID,
     INCONSISTENCY_KINDS,
@@ -146,6 +146,7 @@ def test_inconsistency_level_zero_is_clean_and_only_one_view_changes(kind: str, 
     assert broken.min() >= 0.0 and broken.max() <= 1.0
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", INCONSISTENCY_KINDS)
 def test_inconsistency_grows_monotonically_with_level(kind: str, scenes8: SceneBatch) -> None:
     clean = render_scenes(scenes8, CAMS, 48)[:, 1]

@@ -178,15 +178,15 @@ def test_run_requests_batches_by_size_and_isolates_a_failing_request(model, grid
 def test_in_process_results_are_built_from_the_model_callable(model, grids) -> None:
     grids = grids[:2]
     outputs = model(grids)
-    plain = model.score_dicts(grids, return_renders=False)
-    assert plain == outputs.grid_results(model.metric_id)
+    plain = model.score_grids(grids, return_renders=False)
+    assert plain == outputs.scores(model.metric_id)  # what Triton's answer turns into
     result = model.score(grids, return_renders=True)
     for name in OUTPUTS:  # the renders path converts like MRCModel.__call__
         np.testing.assert_array_equal(getattr(ModelOutputs.from_result(result), name), getattr(outputs, name))
-    assert plain == [g.to_dict() for g in result.grids()]  # and like the library's own GridScore
-    with_renders = model.score_dicts(grids, return_renders=True)
-    assert all(len(r.pop("renders")) == 4 for r in with_renders)
-    assert with_renders == plain
+    assert plain == result.scores()  # and like the library's own scores
+    with_renders = model.score_grids(grids, return_renders=True)
+    assert all(len(r.renders) == 4 for r in with_renders)
+    assert [r.without_renders() for r in with_renders] == plain
 
 
 def test_config_pbtxt_matches_the_binding() -> None:
@@ -207,6 +207,7 @@ def test_config_pbtxt_matches_the_binding() -> None:
 
 
 # -- the PyTriton server ---------------------------------------------------------------------------
+@pytest.mark.slow
 def test_live_model_config_is_the_repository_config(triton) -> None:
     """What PyTriton serves has the tensors of config.pbtxt (so clients cannot tell them apart)."""
     with triton_grpc.InferenceServerClient(triton.grpc_url) as client:
@@ -227,8 +228,9 @@ def test_live_model_config_is_the_repository_config(triton) -> None:
     ]
 
 
+@pytest.mark.slow
 def test_same_scores_in_process_through_the_gateway_and_raw_tritonclient(triton, gateway, model, grids) -> None:
-    want = model.score_dicts(grids, return_renders=False)
+    want = [r.to_wire() for r in model.score_grids(grids, return_renders=False)]
     # Gateway -> Triton.
     r = post_raw(gateway, grids)
     assert r.status_code == 200, r.text
@@ -249,6 +251,7 @@ def test_same_scores_in_process_through_the_gateway_and_raw_tritonclient(triton,
         assert_same_tensors({n: reply.as_numpy(n) for n in OUTPUTS}, model, grids[:3])
 
 
+@pytest.mark.slow
 def test_gateway_reports_triton_ready_and_splits_large_requests(gateway, model, grids) -> None:
     ready = httpx.get(gateway + "/readyz")
     assert ready.status_code == 200 and ready.json()["metric"] == model.metric_id
@@ -260,6 +263,7 @@ def test_gateway_reports_triton_ready_and_splits_large_requests(gateway, model, 
     np.testing.assert_allclose(got, model(many).mrc, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_renders_are_refused_with_a_clear_400(gateway, grids) -> None:
     r = post_raw(gateway, grids[:1], return_renders=True)
     assert r.status_code == 400
@@ -269,6 +273,7 @@ def test_renders_are_refused_with_a_clear_400(gateway, grids) -> None:
     assert r.status_code == 400
 
 
+@pytest.mark.slow
 def test_invalid_grids_are_flagged_by_the_gateway_not_sent(gateway, grids) -> None:
     files = [
         ("grid", ("ok.png", png(grids[0]), "image/png")),
@@ -288,6 +293,7 @@ def _prom(text: str, name: str) -> float:
     return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(name + "{"))
 
 
+@pytest.mark.slow
 def test_concurrent_requests_are_batched_by_triton(triton, gateway, grids) -> None:
     inferences0, executions0 = _model_stats(triton)
     bodies = [png(grids[i % len(grids)]) for i in range(MAX_BATCH)]
@@ -330,6 +336,7 @@ def test_engine_reports_an_unreachable_triton_without_raising() -> None:
     assert error is not None and error.retry_after > 0
 
 
+@pytest.mark.slow
 def test_triton_down_answers_503_and_the_gateway_recovers_by_itself(triton, gateway, model, grids, tmp_path) -> None:
     settings = triton.server.settings
     triton.server.stop()
@@ -348,7 +355,7 @@ def test_triton_down_answers_503_and_the_gateway_recovers_by_itself(triton, gate
         time.sleep(0.2)
     r = post_raw(gateway, grids[:2])
     assert r.status_code == 200, r.text
-    want = model.score_dicts(grids[:2], return_renders=False)
+    want = [r.to_wire() for r in model.score_grids(grids[:2], return_renders=False)]
     assert_same_results(msgpack.unpackb(r.content, raw=False)["results"], want)
 
 
@@ -384,6 +391,7 @@ def _alive(pid: int, comm: str) -> bool:
     return text[text.index("(") + 1 : text.rindex(")")] == comm and text[text.rindex(")") + 2] != "Z"
 
 
+@pytest.mark.slow
 def test_stock_model_repository_on_tritonserver_scores_like_the_library(model, grids, tmp_path) -> None:
     """services/reward/triton/model_repository with a plain tritonserver (PyTriton's binary) and its Python backend."""
     import pytriton
@@ -454,7 +462,7 @@ def test_stock_model_repository_on_tritonserver_scores_like_the_library(model, g
         with serve_app(create_app(settings, model=model, engine=engine)) as url:
             r = post_raw(url, grids)
             assert r.status_code == 200, r.text
-            want = model.score_dicts(grids, return_renders=False)
+            want = [r.to_wire() for r in model.score_grids(grids, return_renders=False)]
             assert_same_results(msgpack.unpackb(r.content, raw=False)["results"], want)
     finally:
         proc.send_signal(signal.SIGINT)
@@ -467,6 +475,7 @@ def test_stock_model_repository_on_tritonserver_scores_like_the_library(model, g
 
 
 # -- mrc serve --engine triton ----------------------------------------------------------------------
+@pytest.mark.slow
 def test_mrc_serve_engine_triton_scores_and_sigterm_leaves_no_tritonserver(model, grids) -> None:
     ports = [str(free_port()) for _ in range(3)]
     args = ["--engine", "triton", "--max-batch", "4", *SMALL_FLAGS]

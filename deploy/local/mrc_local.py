@@ -158,8 +158,8 @@ def wait_ready(url: str, timeout: float, pid: int | None = None, log: Path | Non
 
 
 def example_grid(path: Path) -> int:
-    from carve3d_reward.sheets import save_grid_png
-    from carve3d_reward.synthetic import make_grids
+    from carve3d_reward.tools.sheets import save_grid_png
+    from carve3d_reward.tools.synthetic import make_grids
 
     save_grid_png(make_grids(1, seed=0, view_size=128)[0], path)
     print(f"example grid: {path}")

@@ -15,7 +15,7 @@ import random
 import numpy as np
 from PIL import Image
 
-from carve3d_reward.service.app import to_jsonable
+from carve3d_reward.service.responses import to_jsonable
 
 from .encoders import GRIDS, MAX_PIXELS, MAX_REQUEST_PIXELS, MULTIPART, Corpus, encode, multipart, pack
 from .images import refused_formats

@@ -9,7 +9,7 @@ from typing import Any
 
 import numpy as np
 
-from carve3d_reward.service.app import to_jsonable
+from carve3d_reward.service.responses import to_jsonable
 
 from .encoders import GRIDS, MAX_GRIDS, Corpus, encode, pack
 

@@ -11,6 +11,7 @@ trainable weights; which epochs it checkpointed; the final weights as
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import hashlib
 import json
 import sys
@@ -87,7 +88,7 @@ def main() -> None:
     def recording_advantages(traj, results):
         adv, stats = advantages(traj, results)
         current["advantages"] = adv.tolist()
-        current["stats"] = stats
+        current["stats"] = dataclasses.asdict(stats)
         return adv, stats
 
     def recording_run_epoch(epoch: int):
@@ -95,9 +96,9 @@ def main() -> None:
         stats = run_epoch(epoch)
         current.update(
             epoch=epoch,
-            skipped_steps=stats.skipped_steps,
-            optimizer_steps=stats.optimizer_steps,
-            loss=stats.loss,
+            skipped_steps=stats.update.skipped_steps,
+            optimizer_steps=stats.update.optimizer_steps,
+            loss=stats.update.loss,
             trackers=tracker_state(trainer),
             weights=weights_hash(trainer.policy.trainable_state_dict()),
         )
@@ -134,7 +135,7 @@ def main() -> None:
 
     def recording_evaluate(epoch: int):
         out = evaluate(epoch)
-        record.setdefault("eval", {})[str(epoch)] = {k: out[k] for k in ("mrc", "kl", "invalid", "sheet")}
+        record.setdefault("eval", {})[str(epoch)] = {k: getattr(out, k) for k in ("mrc", "kl", "invalid", "sheet")}
         return out
 
     trainer.evaluate = recording_evaluate

@@ -1,4 +1,4 @@
-"""The micro-model policy-gradient check of docs/experiments.md (not a test: minutes per run).
+"""The micro-model policy-gradient check (docs/experiments.md, "What we learned"; not a test: minutes per run).
 
 ``track``: the brightness test's run, with the reward measured after every round on fixed prompts and
 noise (the round's own mean moves with the prompts it drew). ``probe``: at initialisation, the
@@ -67,7 +67,7 @@ def track(args: argparse.Namespace, run_dir: str) -> None:
     for epoch in range(args.epochs):
         stats = trainer.run_epoch(epoch)
         now = fixed_reward(trainer)
-        print(f"round {epoch}: round mean {stats.reward_mean:.4f}, fixed set {now:.4f} ({now - start:+.4f})")
+        print(f"round {epoch}: round mean {stats.samples.reward_mean:.4f}, fixed set {now:.4f} ({now - start:+.4f})")
 
 
 def pathwise_gradient(trainer: Trainer, prompts: list[str], seed: int) -> list[Tensor]:

@@ -1,4 +1,5 @@
-"""DDIM step log-probs: the Gaussian of facts.md section 2, checked against torch.distributions."""
+"""DDIM step log-probs: DDPO's Gaussian policy step (ddpo-pytorch's ``ddim_step_with_logprob``), checked
+against torch.distributions."""
 
 import pytest
 import torch

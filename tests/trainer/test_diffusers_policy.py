@@ -25,7 +25,7 @@ from carve3d_trainer.policies.base import SamplingConfig
 from carve3d_trainer.policies.diffusers_sd import (
     StableDiffusionPolicy,
     StableDiffusionXLPolicy,
-    build_policy,
+    build_pipeline_policy,
 )
 
 SAMPLING = SamplingConfig(num_steps=4, guidance_scale=3.0, eta=1.0)
@@ -285,7 +285,7 @@ def test_low_precision_unet_keeps_fp32_log_probs(sd_path, dtype) -> None:
 
 
 def test_sdxl_sampling_with_added_conditioning(sdxl_path) -> None:
-    policy = build_policy("sdxl", sdxl_path, sampling=SAMPLING)
+    policy = build_pipeline_policy("sdxl", sdxl_path, sampling=SAMPLING)
     assert isinstance(policy, StableDiffusionXLPolicy)
     policy.enable_lora(rank=4)
     traj = sample(policy)
@@ -318,7 +318,7 @@ def test_missing_weights_give_a_one_line_error(tmp_path) -> None:
     assert str(missing) in str(err.value) and "\n" not in str(err.value)
 
     with pytest.raises(WeightsMissingError) as err:
-        build_policy("sd", "nobody/no-such-model", sampling=SAMPLING, local_files_only=True)
+        build_pipeline_policy("sd", "nobody/no-such-model", sampling=SAMPLING, local_files_only=True)
     msg = str(err.value)
     assert "hf download nobody/no-such-model" in msg and "huggingface-cli download" in msg and "\n" not in msg
 
@@ -327,4 +327,4 @@ def test_missing_weights_give_a_one_line_error(tmp_path) -> None:
         StableDiffusionXLPolicy.from_pretrained(tmp_path / "empty", sampling=SAMPLING)
 
     with pytest.raises(ConfigError, match="unknown policy kind"):
-        build_policy("sd3", tmp_path, sampling=SAMPLING)  # type: ignore[arg-type]
+        build_pipeline_policy("sd3", tmp_path, sampling=SAMPLING)  # type: ignore[arg-type]

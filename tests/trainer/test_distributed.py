@@ -58,6 +58,7 @@ def runs(tmp_path_factory) -> dict[str, Any]:
     return {"root": root, "straight": straight, "first": first, "resumed": resumed}
 
 
+@pytest.mark.slow
 def test_processes_sample_disjoint_shares_of_the_round(runs) -> None:
     r0, r1 = runs["straight"]
     assert (r0["rank"], r1["rank"], r0["world"], r1["world"]) == (0, 1, 2, 2)
@@ -70,6 +71,7 @@ def test_processes_sample_disjoint_shares_of_the_round(runs) -> None:
     assert len({h for e in r0["epochs"] + r1["epochs"] for h in e["images"]}) == 3 * SAMPLES
 
 
+@pytest.mark.slow
 def test_trackers_are_identical_on_every_process_and_slices_are_by_rank(runs) -> None:
     """Same tracker state after every epoch; each process's advantages are its rows of the whole round's."""
     r0, r1 = runs["straight"]
@@ -86,6 +88,7 @@ def test_trackers_are_identical_on_every_process_and_slices_are_by_rank(runs) ->
         assert replay["reward"].values.tolist() == e0["trackers"]["reward"]["values"]
 
 
+@pytest.mark.slow
 def test_gathered_reward_mean_is_the_mean_over_both_processes(runs) -> None:
     r0, r1 = runs["straight"]
     for e0, e1 in zip(r0["epochs"], r1["epochs"], strict=True):
@@ -95,6 +98,7 @@ def test_gathered_reward_mean_is_the_mean_over_both_processes(runs) -> None:
         assert e0["stats"]["kl_mean"] == pytest.approx(sum(e0["local_kl"] + e1["local_kl"]) / SAMPLES, abs=1e-12)
 
 
+@pytest.mark.slow
 def test_ddp_keeps_the_weights_identical_and_they_move(runs) -> None:
     r0, r1 = runs["straight"]
     assert r0["initial_weights"] == r1["initial_weights"]
@@ -108,6 +112,7 @@ def test_ddp_keeps_the_weights_identical_and_they_move(runs) -> None:
     assert all("lora" in k for k in w0)
 
 
+@pytest.mark.slow
 def test_a_nan_loss_on_one_process_is_skipped_by_both(runs) -> None:
     """Rank 1's NaN losses (one unsynchronised pass, one synchronising pass) are skipped everywhere."""
     for record in runs["straight"]:
@@ -117,6 +122,7 @@ def test_a_nan_loss_on_one_process_is_skipped_by_both(runs) -> None:
         assert [e["skipped_steps"] for e in record["epochs"]] == [0, 2, 0]
 
 
+@pytest.mark.slow
 def test_only_process_0_writes_checkpoints_and_logs(runs) -> None:
     r0, r1 = runs["straight"]
     assert r0["checkpoint_writes"] == [1, 2, 3] and r1["checkpoint_writes"] == []
@@ -127,6 +133,7 @@ def test_only_process_0_writes_checkpoints_and_logs(runs) -> None:
     assert r0["eval"]["2"] | {"sheet": None} == r1["eval"]["2"]  # gathered evaluation
 
 
+@pytest.mark.slow
 def test_resume_under_two_processes_matches_the_uninterrupted_run(runs) -> None:
     """Bitwise: every process restores the same weights, optimiser, trackers and RNG seeds; the gradient
     all-reduce of two processes is a single commutative addition, so nothing depends on timing."""
@@ -150,22 +157,21 @@ def test_resume_under_two_processes_matches_the_uninterrupted_run(runs) -> None:
     assert all(torch.equal(w_straight[k], w_resumed[k]) for k in w_straight)
 
 
+@pytest.mark.slow
 def test_evaluation_does_not_depend_on_the_number_of_processes(runs, tmp_path) -> None:
     """One process evaluating the final weights gets the 2-process numbers (whole batches, fixed noise)."""
-    from carve3d_trainer.evaluation import evaluate_policy
-
     trainer = make_trainer(tmp_path, epochs=3)
     trainer.policy.load_trainable_state_dict(load_file(str(runs["root"] / "out-a" / "weights-rank0.safetensors")))
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # as in the workers
     try:
-        ev = evaluate_policy(trainer, 2)
+        ev = trainer.evaluate(2)
     finally:
         torch.set_num_threads(threads)
     two = runs["straight"][0]["eval"]["2"]
-    assert ev["invalid"] == two["invalid"] == 0
-    assert ev["mrc"] == pytest.approx(two["mrc"], abs=1e-7)
-    assert ev["kl"] == pytest.approx(two["kl"], abs=1e-7)
+    assert ev.invalid == two["invalid"] == 0
+    assert ev.mrc == pytest.approx(two["mrc"], abs=1e-7)
+    assert ev.kl == pytest.approx(two["kl"], abs=1e-7)
 
 
 def test_samples_per_epoch_must_split_evenly_over_processes(tmp_path) -> None:

@@ -12,14 +12,14 @@ from safetensors.torch import load_file
 
 from carve3d_reward.errors import ConfigError
 from carve3d_trainer.cli import main
-from carve3d_trainer.config import load_config
-from carve3d_trainer.demo import DEMO_SETTINGS, run_demo
+from carve3d_trainer.config import config_file, load_config
+from carve3d_trainer.demo import DEMO_PRESET, demo_config, run_demo
+from carve3d_trainer.policies import build_policy
 from carve3d_trainer.policies.base import SamplingConfig
 from carve3d_trainer.policies.tiny import TinyGridPolicy, resolve_weights
 from carve3d_trainer.quality import aligned
-from carve3d_trainer.reporting import BASE_EPOCH
+from carve3d_trainer.run_layout import BASE_EPOCH
 from carve3d_trainer.sft_data import COLOURS
-from carve3d_trainer.trainer import build_policy
 
 SHIPPED = "builtin:tiny-sft"
 
@@ -40,8 +40,10 @@ def test_shipped_sft_model_loads_strictly_and_matches_its_card() -> None:
     assert all(moved)
 
 
+@pytest.mark.slow
 def test_shipped_model_samples_deterministically_and_follows_the_prompt() -> None:
-    sampling = SamplingConfig(num_steps=DEMO_SETTINGS["policy.num_steps"], guidance_scale=3.0, eta=1.0)
+    demo = load_config(config_file(DEMO_PRESET)).policy
+    sampling = SamplingConfig(num_steps=demo.num_steps, guidance_scale=demo.guidance_scale, eta=demo.eta)
     policy = TinyGridPolicy.from_pretrained(SHIPPED, sampling=sampling)
     prompts = [f"a {c} {s}" for c in COLOURS for s in ("sphere", "cube", "cylinder")]
 
@@ -68,9 +70,10 @@ def test_missing_weights_are_a_clear_error(tmp_path: Path) -> None:
         resolve_weights("builtin:nope")
     config = load_config(None, {"policy.path": str(tmp_path), "run_dir": str(tmp_path / "run")})
     with pytest.raises(ConfigError, match=r"missing config\.json"):
-        build_policy(config)
+        build_policy(config.policy)
 
 
+@pytest.mark.slow
 def test_one_rl_epoch_of_the_demo_against_a_live_service(tmp_path: Path, capsys) -> None:
     """The base model's evaluation, then two rounds that update, over HTTP, with the report and its comparison."""
     overrides = {
@@ -83,6 +86,8 @@ def test_one_rl_epoch_of_the_demo_against_a_live_service(tmp_path: Path, capsys)
     }
     report = run_demo(tmp_path, overrides=overrides, progress=False)
     run = tmp_path / "run"
+    saved = json.loads((run / "config.json").read_text())  # the demo ran the preset (see test_config_cli.py)
+    assert saved == json.loads(demo_config(run, saved["reward"]["url"], overrides).to_json())
     base, *rounds = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert base["epoch"] == BASE_EPOCH and base["eval_before_update"]
     assert base["eval_kl"] == 0.0  # the base is the reference
@@ -106,6 +111,7 @@ def test_one_rl_epoch_of_the_demo_against_a_live_service(tmp_path: Path, capsys)
     assert "demo: held-out MRC" in capsys.readouterr().out
 
 
+@pytest.mark.slow
 def test_sigterm_stops_the_demo_and_its_service(tmp_path: Path) -> None:
     """No orphaned reward service when a scheduler or a user terminates the demo."""
     import os

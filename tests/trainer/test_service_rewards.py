@@ -9,9 +9,10 @@ import time
 from concurrent.futures import Future
 
 import httpx
+import pytest
 from torch import Tensor
 
-from carve3d_reward.client import ScoreResult
+from carve3d_reward.scores import GridScore
 from carve3d_trainer.config import RewardConfig
 from carve3d_trainer.rewards import ServiceRewards
 
@@ -28,6 +29,7 @@ def scored(url: str) -> float:
     return 0.0
 
 
+@pytest.mark.slow
 def test_service_restart_mid_epoch_scores_every_sample_once(tmp_path) -> None:
     port = free_port()
     url = f"http://127.0.0.1:{port}"
@@ -41,7 +43,7 @@ def test_service_restart_mid_epoch_scores_every_sample_once(tmp_path) -> None:
 
         calls = 0
 
-        def submit(self, images: Tensor, request_id: str, *, renders: bool = False) -> Future[list[ScoreResult]]:
+        def submit(self, images: Tensor, request_id: str, *, renders: bool = False) -> Future[list[GridScore]]:
             future = super().submit(images, request_id, renders=renders)
             self.calls += 1
             if self.calls == 1:
@@ -74,18 +76,19 @@ def test_service_restart_mid_epoch_scores_every_sample_once(tmp_path) -> None:
 
 
 def test_dead_service_fails_clearly_within_the_deadline(tmp_path) -> None:
-    """Nothing listening: the run ends with a clear error instead of hanging."""
-    import pytest
+    """Nothing listening: the run ends with a clear error instead of hanging.
 
+    The deadline (3 s), not the retries (50, minutes of backoff), ends it: the client's own clock says so,
+    so a busy machine cannot fail the test (and the test's timeout stands for a hang).
+    """
     from carve3d_reward.client import MRCUnavailableError
 
     url = f"http://127.0.0.1:{free_port()}"
     rewards = ServiceRewards(RewardConfig(url=url, timeout_s=1, deadline_s=3, retries=50))
     trainer = make_trainer(tmp_path, rewards=rewards, samples_per_epoch=4, sample_batch_size=4)
-    start = time.monotonic()
     try:
-        with pytest.raises(MRCUnavailableError, match="attempts"):
+        with pytest.raises(MRCUnavailableError, match="attempts") as failure:
             trainer.sample_round(0)
     finally:
         trainer.close()
-    assert time.monotonic() - start < 60
+    assert "deadline of 3 s reached" in str(failure.value) and failure.value.attempts <= 50

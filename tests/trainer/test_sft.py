@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from carve3d_reward.synthetic import BOX, CHECKER, CYLINDER, ELLIPSOID, STRIPES
+from carve3d_reward.tools.synthetic import BOX, CHECKER, CYLINDER, ELLIPSOID, STRIPES
 from carve3d_trainer.cli import main
 from carve3d_trainer.policies.base import SamplingConfig
 from carve3d_trainer.policies.tiny import TinyConfig, TinyGridPolicy

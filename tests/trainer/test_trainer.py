@@ -10,12 +10,15 @@ import pytest
 import torch
 from torch import Tensor
 
-from carve3d_reward.client import ScoreResult
 from carve3d_reward.errors import ConfigError
+from carve3d_reward.scores import GridScore
 from carve3d_trainer.config import load_config
+from carve3d_trainer.policies import build_policy
 from carve3d_trainer.policies.base import SamplingConfig
 from carve3d_trainer.policies.tiny import TinyConfig, TinyGridPolicy
 from carve3d_trainer.rewards import RewardBackend
+from carve3d_trainer.run_layout import BASE_EPOCH
+from carve3d_trainer.stats import RoundStats
 from carve3d_trainer.trackers import PerPromptStatTracker
 from carve3d_trainer.trainer import Trainer
 
@@ -40,20 +43,20 @@ class BrightnessRewards(RewardBackend):
         self.invalid_every = invalid_every
         self.seen = 0
 
-    def submit(self, images: Tensor, request_id: str, *, renders: bool = False) -> Future[list[ScoreResult]]:
+    def submit(self, images: Tensor, request_id: str, *, renders: bool = False) -> Future[list[GridScore]]:
         out = []
         for v in images.mean(dim=(1, 2, 3)).tolist():
             self.seen += 1
             bad = self.invalid_every and self.seen % self.invalid_every == 0
             out.append(
-                ScoreResult(
+                GridScore(
                     mrc=None if bad else -v,
                     reward=None if bad else v,
                     status="invalid" if bad else "ok",
                     metric="brightness",
                 )
             )
-        f: Future[list[ScoreResult]] = Future()
+        f: Future[list[GridScore]] = Future()
         f.set_result(out)
         return f
 
@@ -114,10 +117,19 @@ def test_one_update_raises_the_likelihood_of_high_advantage_samples(tmp_path) ->
     assert torch.corrcoef(torch.stack([adv, shift]))[0, 1] > 0.5
 
 
+@pytest.mark.slow
+@pytest.mark.timeout(1200)
 def test_policy_gradient_moves_the_reward_up(tmp_path) -> None:
+    """Six on-policy steps raise the reward (mean brightness) of a randomly initialised model.
+
+    Its budget: 7 rounds of 64 samples of a full finetune (whose reference pass doubles the sampling) take
+    about 2.5 minutes on one idle core (144-153 s; 113 s with 2 threads). Beside busy processes one thread
+    runs about 1.6x slower (conftest.py), so 1200 s leaves room where the default 600 s, with 2 threads
+    spinning against another suite, was once not enough.
+    """
     # 64 samples a round: with 16 the score-function estimate of this random-init model points up or down by
     # the draw, and the reward fell in 3 of 5 run seeds; with 64 it rose for 3 initialisations of 3 and 5 seeds
-    # of 5 (docs/experiments.md, "The micro-model policy-gradient check"; tests/trainer/pg_check.py).
+    # of 5 (docs/experiments.md, "What we learned"; tests/trainer/pg_check.py).
     trainer = make_trainer(
         tmp_path,
         epochs=7,
@@ -144,9 +156,9 @@ def test_invalid_samples_get_no_advantage(tmp_path) -> None:
     traj, results = trainer.sample_round(0)
     adv, stats = trainer.advantages(traj, results)
     invalid = torch.tensor([not r.valid for r in results])
-    assert invalid.any() and stats["invalid"] == int(invalid.sum())
+    assert invalid.any() and stats.invalid == int(invalid.sum())
     assert (adv[invalid] == 0).all() and (adv[~invalid] != 0).any()
-    assert math.isfinite(stats["reward_mean"])
+    assert math.isfinite(stats.reward_mean)
 
 
 def test_kl_budget_reaches_the_advantages(tmp_path) -> None:
@@ -158,16 +170,16 @@ def test_kl_budget_reaches_the_advantages(tmp_path) -> None:
                 p.add_(0.05)
     traj, results = trainer.sample_round(0)
 
-    def advantages() -> tuple[Tensor, dict[str, float]]:  # from fresh trackers: the same statistics every time
+    def advantages() -> tuple[Tensor, RoundStats]:  # from fresh trackers: the same statistics every time
         trainer.trackers = {k: PerPromptStatTracker(t.buffer_size, t.min_count) for k, t in trainer.trackers.items()}
         return trainer.advantages(traj, results)
 
     paper, stats = advantages()
-    trainer.cfg.algorithm.kl_budget = stats["kl_mean"] * 1e6  # weight sqrt(1e-6)
+    trainer.cfg.algorithm.kl_budget = stats.kl_mean * 1e6  # weight sqrt(1e-6)
     weighed, _ = advantages()
     trainer.cfg.algorithm.beta = 0.0
     reward_only, _ = advantages()
-    assert stats["kl_mean"] > 0
+    assert stats.kl_mean > 0
     assert (paper - reward_only).abs().max() > 0.05
     torch.testing.assert_close(weighed, reward_only, atol=5e-3, rtol=0)
 
@@ -178,13 +190,14 @@ def test_non_finite_loss_skips_the_step_and_keeps_weights(tmp_path, monkeypatch)
     monkeypatch.setattr(
         trainer.policy, "step_log_prob", lambda traj, step: torch.full((len(traj),), float("nan"), requires_grad=True)
     )
-    stats = trainer.run_epoch(0)
+    stats = trainer.run_epoch(0).update
     assert stats.skipped_steps > 0 and stats.optimizer_steps == 0
     after = trainer.policy.trainable_state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before)
     assert all(torch.isfinite(v).all() for v in after.values())
 
 
+@pytest.mark.slow  # six rounds over three trainers
 def test_resume_gives_the_same_samples_and_weights(tmp_path) -> None:
     straight = make_trainer(tmp_path / "a", epochs=3, **{"algorithm.warmup_epochs": 1})
     full = straight.train()
@@ -210,10 +223,8 @@ def test_config_errors_are_clear(tmp_path) -> None:
         load_config(None, {"algorithm.beta": -1})
     with pytest.raises(ConfigError, match="no built-in prompt set"):
         make_trainer(tmp_path, train_prompts="builtin:nope")
-    from carve3d_trainer.trainer import build_policy
-
     with pytest.raises(ConfigError, match="mixed_precision"):
-        build_policy(load_config(None, {"policy.mixed_precision": "bf16"}))
+        build_policy(load_config(None, {"policy.mixed_precision": "bf16"}).policy)
     bad = tmp_path / "bad.json"
     bad.write_text("{nope")
     with pytest.raises(ConfigError, match="not valid JSON"):
@@ -261,12 +272,13 @@ def test_samples_per_prompt_groups_each_round_and_visits_every_prompt_equally(tm
     trainer.close()
 
 
+@pytest.mark.slow
 def test_the_base_model_is_evaluated_before_round_0_and_the_last_model_after_it(tmp_path) -> None:
     """With no warm-up round 0 updates: the base, every report's reference, is its own record taken first.
 
     A one-round run therefore still evaluates the model it ends with.
     """
-    from carve3d_trainer.reporting import BASE_EPOCH, before_after
+    from carve3d_trainer.reporting import before_after
 
     trainer = make_trainer(tmp_path, epochs=1, **{"eval_samples_per_prompt": 1, "algorithm.warmup_epochs": 0})
     base, round0 = trainer.train()
@@ -279,6 +291,7 @@ def test_the_base_model_is_evaluated_before_round_0_and_the_last_model_after_it(
     assert "| base |" in (tmp_path / "report.md").read_text()
 
 
+@pytest.mark.slow
 def test_kl_stop_ends_the_run_with_the_model_whose_kl_passed_it(tmp_path) -> None:
     trainer = make_trainer(tmp_path, epochs=6, **{"algorithm.warmup_epochs": 1, "algorithm.kl_stop": 1e-9})
     weights = []
@@ -300,23 +313,7 @@ def test_kl_stop_ends_the_run_with_the_model_whose_kl_passed_it(tmp_path) -> Non
     trainer.close()
 
 
-def test_the_step_shrinks_when_the_gradient_norm_rises_above_its_reference(tmp_path) -> None:
-    """grad_norm_reference_rounds: the first round sets the reference, later steps run at lr * min(1, ref / g)."""
-    trainer = make_trainer(
-        tmp_path, epochs=3, **{"algorithm.warmup_epochs": 0, "algorithm.grad_norm_reference_rounds": 1}
-    )
-    _base, *rounds = trainer.train()
-    assert [h["optimizer_steps"] for h in rounds] == [1, 1, 1]  # one step a round: its norm is the round's
-    reference = rounds[0]["grad_norm"]
-    assert rounds[0]["step_scale"] == 1.0  # no reference yet
-    expected = [min(1.0, reference / h["grad_norm"]) for h in rounds[1:]]
-    assert [h["step_scale"] for h in rounds[1:]] == pytest.approx(expected)
-    assert any(scale < 1.0 for scale in expected)  # this run's gradient norm did rise, so the scale was exercised
-    last_lr = trainer.cfg.algorithm.lr * expected[-1]
-    assert trainer.optimizer.param_groups[0]["lr"] == pytest.approx(last_lr)  # the optimiser stepped with it
-    trainer.close()
-
-
+@pytest.mark.slow
 def test_adam_beta2_reaches_the_optimiser_and_survives_resume(tmp_path) -> None:
     trainer = make_trainer(tmp_path, epochs=2, **{"algorithm.adam_beta2": 0.99})
     assert trainer.optimizer.param_groups[0]["betas"] == (0.9, 0.99)

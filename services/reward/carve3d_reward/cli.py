@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import signal
 import sys
 import typing
 from collections.abc import Sequence
@@ -79,101 +78,9 @@ def settings_from_args(args: argparse.Namespace, **overrides: object) -> MetricS
 
 
 # -- mrc score ------------------------------------------------------------------------------------------
-def collect_images(paths: Sequence[str]) -> list[Path]:
-    """Files as given, folders expanded to the images inside them (sorted, recursive)."""
-    from .grid import IMAGE_SUFFIXES
-
-    files: list[Path] = []
-    for raw in paths:
-        path = Path(raw)
-        if path.is_dir():
-            found = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
-            if not found:
-                raise InvalidInputError(f"{path}: no images found (looked for {', '.join(sorted(IMAGE_SUFFIXES))})")
-            files.extend(found)
-        elif path.is_file():
-            files.append(path)
-        else:
-            raise InvalidInputError(f"{path}: no such file or folder")
-    return files
-
-
-def score_files(
-    files: list[Path], settings: MetricSettings, *, batch_size: int, renders_dir: Path | None, progress: bool
-) -> tuple[list[dict[str, object]], int]:
-    """Score image files in batches; returns one row per file and the number of invalid files."""
-    import torch
-    from tqdm import tqdm
-
-    from .grid import load_grid, split_grid, to_grid_tensor
-    from .metric import MRC
-
-    metric = MRC(settings)
-    rows: list[dict[str, object]] = [{} for _ in files]
-    pending: dict[tuple[int, ...], list[tuple[int, torch.Tensor]]] = {}
-    invalid = 0
-
-    def flush(key: tuple[int, ...]) -> None:
-        items = pending.pop(key, [])
-        if not items:
-            return
-        views = torch.stack([v for _, v in items])
-        result = metric.score_views(views, return_renders=renders_dir is not None)
-        if renders_dir is not None:
-            from .sheets import save_sheets
-
-            save_sheets(result, [files[i].name for i, _ in items], renders_dir)
-        for k, (i, _) in enumerate(items):
-            rows[i] = {"file": str(files[i])} | result.grid(k).to_dict()
-
-    bar = tqdm(files, desc="scoring", unit="grid", disable=not progress or len(files) < 2, file=sys.stderr)
-    for i, path in enumerate(bar):
-        try:
-            grid = load_grid(path, metric.layout, view_size=settings.view_size)  # as the service decodes it
-            views = split_grid(to_grid_tensor(grid), metric.layout)[0]
-        except InvalidInputError as exc:
-            message = str(exc) if str(exc).startswith(str(path)) else f"{path}: {exc}"
-            rows[i] = {"file": str(path), "status": "invalid", "error": message, "metric": metric.metric_id}
-            invalid += 1
-            continue
-        key = tuple(views.shape)
-        pending.setdefault(key, []).append((i, views))
-        if len(pending[key]) >= batch_size:
-            flush(key)
-    for key in list(pending):
-        flush(key)
-    return rows, invalid
-
-
-def print_table(rows: list[dict[str, object]]) -> None:
-    from rich.console import Console
-    from rich.table import Table
-
-    table = Table(title="MRC (lower = more 3D-consistent)")
-    for col in ("file", "MRC", "reward", "status", "per-view distance"):
-        table.add_column(col, justify="right" if col in ("MRC", "reward") else "left")
-    for row in rows:
-        if row.get("status") == "invalid":
-            table.add_row(str(row["file"]), "-", "-", "[red]invalid[/red]", str(row["error"]))
-            continue
-        views = row["views"]
-        assert isinstance(views, list)
-        dists = " ".join(f"{v['distance']:.4f}" + ("(empty)" if v["empty"] else "") for v in views)
-        status = str(row["status"])
-        table.add_row(
-            Path(str(row["file"])).name,
-            f"{row['mrc']:.4f}",
-            f"{row['reward']:.4f}",
-            status if status == "ok" else f"[yellow]{status}[/yellow]",
-            dists,
-        )
-    console = Console(width=max(Console().width, 120))
-    console.print(table)
-    if rows and "metric" in rows[0]:
-        console.print(f"metric: {rows[0]['metric']}")
-
-
 def cmd_score(args: argparse.Namespace) -> int:
+    from .tools.files import collect_images, print_table, score_files
+
     settings = settings_from_args(args)
     files = collect_images(args.paths)
     rows, invalid = score_files(
@@ -192,7 +99,7 @@ def cmd_score(args: argparse.Namespace) -> int:
 
 # -- mrc validate -----------------------------------------------------------------------------------------
 def cmd_validate(args: argparse.Namespace) -> int:
-    from .validate import ValidationConfig, print_report, run_validation
+    from .tools.validate import ValidationConfig, print_report, run_validation
 
     settings = settings_from_args(args)
     config = ValidationConfig(
@@ -226,95 +133,20 @@ def cmd_weights_fetch(args: argparse.Namespace) -> int:
 
 # -- mrc serve ---------------------------------------------------------------------------------------------------
 def cmd_serve(args: argparse.Namespace) -> int:
-    import uvicorn
-
     from .model import MRCModel
-    from .service.app import create_app
-    from .service.server import JSONErrorH11Protocol
+    from .service.server import serve
     from .service.settings import ServiceSettings
 
     metric = settings_from_args(args)
     values = _values_from_args(args, ServiceSettings, "service_") | {"metric": metric}
     settings = typing.cast(ServiceSettings, _build(ServiceSettings, values))
     model = MRCModel(settings.metric)  # load now: a missing weight is a one-line error, not a crashed worker
-
-    def run_gateway(**app_kwargs: typing.Any) -> None:
-        uvicorn.run(
-            create_app(settings, model=model, **app_kwargs),
-            host=settings.host,
-            port=settings.port,
-            http=JSONErrorH11Protocol,
-            timeout_graceful_shutdown=settings.drain_timeout_s,
-            log_level=args.log_level,
-            access_log=args.log_level == "debug",
-        )
-
-    if settings.engine == "inprocess":
-        print(f"mrc serve: {model.metric_id} on http://{settings.host}:{settings.port}", file=sys.stderr)
-        # uvicorn drains on SIGTERM, then re-raises it; a handler of ours turns that into a clean exit 0.
-        signal.signal(signal.SIGTERM, lambda *_: None)
-        run_gateway()
-        return 0
-
-    # engine "triton": the gateway forwards to Triton's model "mrc" (docs/triton.md); with no --triton-url,
-    # Triton is started here (PyTriton: a tritonserver child process) and stopped on the way out.
-    import os
-    import tempfile
-    import threading
-
-    from .service.triton_engine import TritonEngine
-    from .triton.binding import MRCTriton, check_environment
-
-    triton: MRCTriton | None = None
-    url = settings.triton_url
-    stopping, died = threading.Event(), threading.Event()
-    if url is None:
-        check_environment()
-
-        def stop(signum: int, _frame: object) -> None:
-            # SIGTERM while Triton starts, or re-raised by uvicorn after its drain: unwind through the
-            # `finally` below, which stops tritonserver, so no server outlives this process.
-            raise SystemExit(1 if died.is_set() else 0)
-
-        signal.signal(signal.SIGTERM, stop)
-        log_file = None
-        if args.log_level not in ("debug", "info"):  # Triton's own log, which is chatty, goes to a file
-            log_file = Path(tempfile.gettempdir()) / f"mrc-triton-{os.getpid()}.log"
-        triton = MRCTriton(settings, models=[model], log_file=log_file).start()
-        url = triton.grpc_url
-
-        def watch(server: MRCTriton) -> None:  # Triton gone on its own: drain and exit 1 (the supervisor restarts)
-            while not stopping.wait(1.0):
-                if not server.is_alive() and not stopping.is_set():
-                    died.set()
-                    print("mrc serve: error: triton stopped unexpectedly; shutting down", file=sys.stderr)
-                    os.kill(os.getpid(), signal.SIGTERM)
-                    return
-
-        threading.Thread(target=watch, args=(triton,), name="mrc-triton-watch", daemon=True).start()
-        print(
-            f"mrc serve: triton (PyTriton) grpc {triton.grpc_url}, http {triton.http_url}, "
-            f"metrics {triton.metrics_url}" + (f", log {log_file}" if log_file else ""),
-            file=sys.stderr,
-        )
-    try:
-        engine = TritonEngine(
-            url, metric_id=model.metric_id, max_batch=settings.max_batch, timeout_s=settings.request_timeout_s
-        )
-        print(f"mrc serve: {model.metric_id} on http://{settings.host}:{settings.port} (triton {url})", file=sys.stderr)
-        if triton is None:  # an external Triton: SIGTERM is only the gateway's drain, as for inprocess
-            signal.signal(signal.SIGTERM, lambda *_: None)
-        run_gateway(engine=engine)
-    finally:
-        stopping.set()
-        if triton is not None:
-            triton.stop()
-    return 1 if died.is_set() else 0
+    return serve(settings, model, log_level=args.log_level)
 
 
 # -- mrc cameras -------------------------------------------------------------------------------------------------
 def cmd_cameras(args: argparse.Namespace) -> int:
-    from .camera_figure import write_camera_figure
+    from .tools.camera_figure import write_camera_figure
 
     s = settings_from_args(args)
     if s.layout != "2x2":
@@ -326,7 +158,7 @@ def cmd_cameras(args: argparse.Namespace) -> int:
 
 # -- mrc demo --------------------------------------------------------------------------------------------------
 def cmd_demo(args: argparse.Namespace) -> int:
-    from .demo import run_demo
+    from .tools.demo import run_demo
 
     settings = settings_from_args(args)
     return run_demo(settings, out_dir=args.out, objects=args.objects, seed=args.seed)

@@ -39,7 +39,7 @@ import sys
 import time
 import uuid
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from email.utils import parsedate_to_datetime
 from pathlib import Path
 from typing import Any, Literal
@@ -51,6 +51,8 @@ import numpy as np
 
 from . import __version__
 from .errors import ConfigError, InvalidInputError, MRCError
+from .pixels import to_uint8
+from .scores import GridScore, Status, decode_png
 from .wire import MAX_REQUEST_ID_LENGTH, REQUEST_ID_RULE, is_valid_request_id
 
 __all__ = [
@@ -58,6 +60,7 @@ __all__ = [
     "DEFAULT_MAX_REQUEST_BYTES",
     "RETRYABLE_STATUSES",
     "AsyncMRCClient",
+    "GridScore",
     "MRCClient",
     "MRCRequestError",
     "MRCUnavailableError",
@@ -119,84 +122,24 @@ class MRCUnavailableError(MRCError):
 
 
 # -- results --------------------------------------------------------------------------------------------
-@dataclass
-class ScoreResult:
-    """The score of one grid (a ``GridScore`` of ``proto/mrc.proto``).
-
-    ``mrc`` and ``reward`` are ``None`` when ``status`` is ``"invalid"`` (see ``error``). A grid
-    with status ``"empty_view"`` is scored but should be kept out of statistics.
-    """
-
-    mrc: float | None
-    reward: float | None
-    status: str
-    views: list[dict[str, Any]] = field(default_factory=list)  # [{"distance", "bbox", "empty"}, ...]
-    metric: str = ""
-    version: str = ""
-    error: str = ""
-    renders: list[bytes] = field(default_factory=list, repr=False)  # PNG re-render of each view, if asked
-    request_id: str = ""  # the id of the request that carried this grid
-
-    @property
-    def ok(self) -> bool:
-        """Scored, and no view was empty: the score can go into statistics."""
-        return self.status == "ok"
-
-    @property
-    def valid(self) -> bool:
-        """Same as :attr:`ok`."""
-        return self.ok
-
-    def render_arrays(self) -> list[np.ndarray]:
-        """The re-renders (``return_renders=True``) decoded as ``uint8 [S, S, 3]`` arrays."""
-        return [decode_png(png) for png in self.renders]
-
-    @classmethod
-    def from_wire(cls, obj: Any, *, request_id: str = "") -> ScoreResult:
-        """Build from one decoded ``GridScore`` mapping; raise :class:`MRCRequestError` if it is not one."""
-        try:
-            if not isinstance(obj, dict) or not isinstance(obj.get("status"), str):
-                raise TypeError("a GridScore must be a map with a string 'status'")
-            views = obj.get("views") or []
-            renders = obj.get("renders") or []
-            if not isinstance(views, list) or not all(isinstance(v, dict) for v in views):
-                raise TypeError("'views' must be a list of maps")
-            if not isinstance(renders, list) or not all(isinstance(r, bytes) for r in renders):
-                raise TypeError("'renders' must be a list of bytes")
-            return cls(
-                mrc=_opt_float(obj.get("mrc")),
-                reward=_opt_float(obj.get("reward")),
-                status=obj["status"],
-                views=[dict(v) for v in views],
-                metric=str(obj.get("metric") or ""),
-                version=str(obj.get("version") or ""),
-                error=str(obj.get("error") or ""),
-                renders=list(renders),
-                request_id=request_id,
-            )
-        except (TypeError, ValueError) as exc:
-            raise _malformed(f"bad GridScore: {exc}", request_id) from None
+#: The client's name for :class:`~carve3d_reward.scores.GridScore` (the same class: one score type everywhere).
+ScoreResult = GridScore
 
 
-def rewards(results: Sequence[ScoreResult], *, include_empty: bool = True) -> np.ndarray:
+def rewards(results: Sequence[GridScore], *, include_empty: bool = True) -> np.ndarray:
     """``float64 [B]`` rewards, NaN where a grid was not scored (and for empty views if not ``include_empty``)."""
     out = np.full(len(results), np.nan, dtype=np.float64)
     for i, r in enumerate(results):
-        if r.reward is not None and (r.ok or (include_empty and r.status == "empty_view")):
+        if r.reward is not None and (r.ok or (include_empty and r.status is Status.EMPTY_VIEW)):
             out[i] = r.reward
     return out
 
 
-def decode_png(data: bytes) -> np.ndarray:
-    """PNG (or any image) bytes -> ``uint8 [H, W, 3]``."""
-    from PIL import Image
-
-    with Image.open(io.BytesIO(data)) as img:
-        return np.asarray(img.convert("RGB"), dtype=np.uint8)
-
-
-def _opt_float(value: Any) -> float | None:
-    return None if value is None else float(value)
+def _read_score(obj: Any, request_id: str) -> GridScore:
+    try:
+        return GridScore.from_wire(obj, request_id=request_id)
+    except (TypeError, ValueError) as exc:
+        raise _malformed(f"bad GridScore: {exc}", request_id) from None
 
 
 # -- encoding -------------------------------------------------------------------------------------------
@@ -261,7 +204,7 @@ def _to_uint8_batch(grids: Any) -> np.ndarray:
             t = t.to(torch.float32)
             if not bool(torch.isfinite(t).all()):
                 raise InvalidInputError("grids contain NaN or infinite values")
-            t = t.clamp(0.0, 1.0).mul(255.0).round().to(torch.uint8)
+            t = to_uint8(t)
         arr = t.cpu().numpy()
     elif isinstance(grids, np.ndarray):
         arr = grids
@@ -283,8 +226,7 @@ def _to_uint8_batch(grids: Any) -> np.ndarray:
     if np.issubdtype(arr.dtype, np.floating):
         if not np.isfinite(arr).all():
             raise InvalidInputError("grids contain NaN or infinite values")
-        scaled = np.clip(arr, 0.0, 1.0, dtype=np.float32) * np.float32(255.0)
-        return np.ascontiguousarray(np.rint(scaled).astype(np.uint8))
+        return np.ascontiguousarray(to_uint8(arr))
     raise InvalidInputError(f"expected uint8 grids or float grids in [0, 1], got dtype {arr.dtype}")
 
 
@@ -640,7 +582,7 @@ class _ClientBase:
         results = body["results"]
         if len(results) != n:
             raise _malformed(f"{len(results)} results for {n} grids", request_id)
-        return [ScoreResult.from_wire(r, request_id=request_id) for r in results]
+        return [_read_score(r, request_id) for r in results]
 
     @staticmethod
     def _decode_info(resp: httpx.Response) -> dict[str, Any]:

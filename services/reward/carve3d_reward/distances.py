@@ -36,7 +36,7 @@ import torch
 from torch import Tensor
 
 from . import weights as _weights
-from .errors import ConfigError, MRCError, WeightsMismatchError
+from .errors import ConfigError, WeightsMismatchError
 
 #: Values this far outside [0, 1] (one 8-bit level) are clamped; further is an error.
 RANGE_TOLERANCE = 1.0 / 255.0
@@ -193,26 +193,6 @@ class SSIMDistance(Distance):
 LPIPSNet = Literal["alex", "vgg"]
 
 
-def _read_state_dict(path: Path) -> Mapping[str, Tensor]:
-    """``torch.load(path, weights_only=True, map_location="cpu")`` with failures turned into MRCErrors."""
-    try:
-        with warnings.catch_warnings():  # torch warns about odd pickle protocols of garbage files: we raise instead
-            warnings.simplefilter("ignore", UserWarning)
-            obj = torch.load(path, map_location="cpu", weights_only=True)
-    except MRCError:
-        raise
-    except Exception as e:  # truncated zip, pickle garbage, a non-tensor object refused by weights_only...
-        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise WeightsMismatchError(
-            f"{path} is not a readable torch state dict ({type(e).__name__}: {reason}); corrupt or incomplete file?"
-        ) from e
-    if isinstance(obj, Mapping) and "state_dict" in obj and isinstance(obj["state_dict"], Mapping):
-        obj = obj["state_dict"]
-    if not isinstance(obj, Mapping) or not all(isinstance(k, str) and isinstance(v, Tensor) for k, v in obj.items()):
-        raise WeightsMismatchError(f"{path} does not hold a state dict (a mapping of names to tensors)")
-    return obj
-
-
 def load_lpips_trunk(net_module: torch.nn.Module, state: Mapping[str, Tensor], *, source: str = "trunk") -> None:
     """Copy torchvision ``features.<k>.<param>`` tensors into lpips' ``slice<i>.<k>.<param>`` parameters.
 
@@ -228,20 +208,9 @@ def load_lpips_trunk(net_module: torch.nn.Module, state: Mapping[str, Tensor], *
         _slice, rest = name.split(".", 1)
         targets[f"features.{rest}"] = tensor
     provided = {k: v for k, v in state.items() if k.startswith("features.")}
-    missing = sorted(set(targets) - set(provided))
-    unexpected = sorted(set(provided) - set(targets))
-    misshapen = sorted(
-        f"{k} {tuple(provided[k].shape)} != {tuple(t.shape)}"
-        for k, t in targets.items()
-        if k in provided and provided[k].shape != t.shape
-    )
-    if missing or unexpected or misshapen:
-        parts = [
-            f"{label}: {', '.join(keys[:8])}{' ...' if len(keys) > 8 else ''}"
-            for label, keys in (("missing", missing), ("unexpected", unexpected), ("wrong shape", misshapen))
-            if keys
-        ]
-        raise WeightsMismatchError(f"{source} does not fit the LPIPS trunk ({'; '.join(parts)})")
+    report = _weights.mismatch_report({k: tuple(t.shape) for k, t in targets.items()}, provided)
+    if report:
+        raise WeightsMismatchError(f"{source} does not fit the LPIPS trunk: {report}")
     with torch.no_grad():
         for k, t in targets.items():
             t.copy_(provided[k].to(t.dtype))
@@ -281,7 +250,7 @@ class LPIPSDistance(Distance):
         self.trunk_path = path
 
         model = self._build_lpips(net)
-        load_lpips_trunk(model.net, _read_state_dict(path), source=str(path))
+        load_lpips_trunk(model.net, _weights.read_state_dict(path), source=str(path))
         for p in model.parameters():
             p.requires_grad_(False)
         self.model = model.to(device=self.device, dtype=torch.float32).eval()
@@ -301,7 +270,7 @@ class LPIPSDistance(Distance):
         # lpips loads the linear layers with strict=False: check the file and that every layer really got its weights.
         lin_file = Path(lpips.__file__).parent / "weights" / "v0.1" / f"{net}.pth"
         _weights.verify_sha256(lin_file, _weights.LPIPS_LINEAR_SHA256[net], hint="reinstall lpips==0.1.4")
-        lin_state = _read_state_dict(lin_file)
+        lin_state = _weights.read_state_dict(lin_file)
         model_state = model.state_dict()
         want = {f"lin{i}.model.1.weight" for i in range(model.L)}
         if set(lin_state) != want or not all(torch.equal(model_state[k], lin_state[k]) for k in want):

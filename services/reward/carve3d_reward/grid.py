@@ -38,6 +38,7 @@ from torch import Tensor
 
 from .errors import InvalidInputError, TooManyPixelsError, UnsupportedFormatError
 from .layouts import GridLayout
+from .pixels import to_uint8
 
 __all__ = [
     "ACCEPTED_FORMATS",
@@ -57,7 +58,6 @@ __all__ = [
     "resize_views",
     "split_grid",
     "to_grid_tensor",
-    "to_uint8",
     "to_uint8_image",
     "working_view_size",
 ]
@@ -202,11 +202,6 @@ def working_view_size(view_px: int, view_size: int | None) -> int:
     return view_px if view_size is None or view_px <= view_size else view_size
 
 
-def to_uint8(values: np.ndarray) -> np.ndarray:
-    """Floats in ``[0, 1]`` -> ``uint8`` (round to nearest): the one quantisation of the package."""
-    return np.clip(np.rint(np.asarray(values) * 255.0), 0, 255).astype(np.uint8)
-
-
 def resize_views(views: Tensor, size: int) -> Tensor:
     """Resample views ``[..., 3, h, w]`` to ``size x size`` (bicubic, antialiased, clamped to [0, 1])."""
     *lead, c, h, w = views.shape
@@ -234,7 +229,7 @@ def _assemble(
     for r in range(layout.rows):
         for c in range(layout.cols):
             view = resize_views(tile((c * view_px, r * view_px, (c + 1) * view_px, (r + 1) * view_px)), size)
-            out[r * size : (r + 1) * size, c * size : (c + 1) * size] = to_uint8(view.permute(1, 2, 0).numpy())
+            out[r * size : (r + 1) * size, c * size : (c + 1) * size] = to_uint8(view.permute(1, 2, 0)).numpy()
     return out
 
 
@@ -341,4 +336,4 @@ def join_grid(views: Tensor, layout: GridLayout) -> Tensor:
 
 def to_uint8_image(image: Tensor) -> np.ndarray:
     """``[3, H, W]`` float in [0, 1] -> ``uint8 [H, W, 3]`` (for PNG writing)."""
-    return (image.detach().clamp(0, 1).permute(1, 2, 0).cpu().numpy() * 255.0 + 0.5).astype(np.uint8)
+    return to_uint8(image.permute(1, 2, 0)).cpu().numpy()

@@ -10,12 +10,10 @@ is never a silent 0.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
 
 import torch
 from torch import Tensor
 
-from . import __version__
 from .bbox import crop_resize, foreground_boxes
 from .cameras import Cameras
 from .distances import Distance, build_distance
@@ -23,53 +21,8 @@ from .errors import ConfigError
 from .grid import resize_views, split_grid
 from .layouts import GridLayout, get_layout
 from .reconstructors import Reconstructor, build_reconstructor
+from .scores import GridScore, batch_scores
 from .settings import MetricSettings
-
-STATUS_OK = "ok"
-STATUS_EMPTY_VIEW = "empty_view"
-
-
-@dataclass
-class ViewScore:
-    """One view's part of a score."""
-
-    distance: float
-    bbox: tuple[int, int, int, int]  # (x_min, y_min, x_max, y_max), inclusive, working-resolution pixels
-    empty: bool
-
-
-@dataclass
-class GridScore:
-    """The score of one grid, JSON-ready (see ``proto/mrc.proto``)."""
-
-    mrc: float
-    reward: float
-    status: str
-    views: list[ViewScore]
-    metric: str
-    version: str = __version__
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "mrc": self.mrc,
-            "reward": self.reward,
-            "status": self.status,
-            "views": [vars(v) | {"bbox": list(v.bbox)} for v in self.views],
-            "metric": self.metric,
-            "version": self.version,
-        }
-
-
-def grid_score(
-    mrc: float, distances: list[float], boxes: list[list[int]], empty: list[bool], metric_id: str
-) -> GridScore:
-    """One grid's score from plain values: the only place a ``GridScore`` and its status are made."""
-    views = [
-        ViewScore(float(d), (int(b[0]), int(b[1]), int(b[2]), int(b[3])), bool(e))
-        for d, b, e in zip(distances, boxes, empty, strict=True)
-    ]
-    status = STATUS_EMPTY_VIEW if any(empty) else STATUS_OK
-    return GridScore(mrc=float(mrc), reward=-float(mrc), status=status, views=views, metric=metric_id)
 
 
 @dataclass
@@ -96,18 +49,9 @@ class MRCResult:
     def __len__(self) -> int:
         return int(self.mrc.shape[0])
 
-    def status(self, i: int) -> str:
-        return self.grid(i).status
-
-    def grid(self, i: int) -> GridScore:
-        """The ``i``-th grid's score as a plain object."""
-        return grid_score(
-            float(self.mrc[i]), self.distances[i].tolist(), self.boxes[i].tolist(), self.empty[i].tolist(),
-            self.metric_id,
-        )  # fmt: skip
-
-    def grids(self) -> list[GridScore]:
-        return [self.grid(i) for i in range(len(self))]
+    def scores(self) -> list[GridScore]:
+        """One :class:`~carve3d_reward.scores.GridScore` per grid (the metric's only conversion to scores)."""
+        return batch_scores(self.mrc, self.distances, self.boxes, self.empty, self.metric_id)
 
 
 class MRC:

@@ -9,14 +9,14 @@ from __future__ import annotations
 
 import io
 from dataclasses import dataclass
-from typing import Any
 
 import numpy as np
 import torch
 from PIL import Image
 
 from .grid import to_grid_tensor, to_uint8_image
-from .metric import MRC, MRCResult, grid_score
+from .metric import MRC, MRCResult
+from .scores import GridScore, batch_scores
 from .settings import MetricSettings
 
 #: Output tensor names (also the Triton model's outputs; see docs/api.md).
@@ -45,14 +45,9 @@ class ModelOutputs:
             empty=result.empty.cpu().numpy().astype(bool),
         )
 
-    def grid_results(self, metric_id: str) -> list[dict[str, Any]]:
-        """One proto-shaped ``GridScore`` dict per grid: what every engine answers."""
-        return [
-            grid_score(float(m), d, b, e, metric_id).to_dict()
-            for m, d, b, e in zip(
-                self.mrc.tolist(), self.distances.tolist(), self.boxes.tolist(), self.empty.tolist(), strict=True
-            )
-        ]
+    def scores(self, metric_id: str) -> list[GridScore]:
+        """One :class:`~carve3d_reward.scores.GridScore` per grid: what every engine answers."""
+        return batch_scores(self.mrc, self.distances, self.boxes, self.empty, metric_id)
 
 
 class MRCModel:
@@ -73,18 +68,17 @@ class MRCModel:
     def __call__(self, grids: np.ndarray) -> ModelOutputs:
         return ModelOutputs.from_result(self.score(grids))
 
-    def score_dicts(self, grids: np.ndarray | torch.Tensor, *, return_renders: bool = False) -> list[dict[str, Any]]:
-        """Proto-shaped ``GridScore`` dicts, with each view's re-render as PNG when asked.
+    def score_grids(self, grids: np.ndarray | torch.Tensor, *, return_renders: bool = False) -> list[GridScore]:
+        """One score per grid, with each view's re-render as PNG when asked (the in-process engine).
 
-        Without renders this is exactly what Triton runs (:meth:`__call__`).
+        Triton's scores come from the same arrays through the same function
+        (:func:`~carve3d_reward.scores.batch_scores`), so the engines cannot differ.
         """
-        if not return_renders:
-            return self(grids).grid_results(self.metric_id)
-        result = self.score(grids, return_renders=True)
-        out = ModelOutputs.from_result(result).grid_results(result.metric_id)
+        result = self.score(grids, return_renders=return_renders)
+        out = result.scores()
         if result.renders is not None:
             for item, renders in zip(out, result.renders, strict=True):
-                item["renders"] = [encode_png(r) for r in renders]
+                item.renders = [encode_png(r) for r in renders]
         return out
 
 

@@ -1,4 +1,4 @@
-"""Where model weights live, how they are fetched and how they are verified.
+"""Where model weights live, how they are fetched, verified and read.
 
 Nothing here downloads anything unless asked to (:func:`fetch_lpips_trunk`, i.e.
 ``mrc weights fetch --lpips alex``); loading code only *finds* weights
@@ -18,20 +18,29 @@ without it the file is loaded as it is, without a warning: pinning a hash for a
 file you supplied yourself is your choice. (This module reads no environment
 variable itself; :class:`~carve3d_reward.settings.MetricSettings` does and
 passes the values in.)
+
+Every weights file (LPIPS trunks and linear layers, LRM checkpoints) is read by
+:func:`read_state_dict`: safetensors, or ``torch.load(weights_only=True)``,
+which unpickles tensors and plain data only and never runs code from the file;
+and compared with the model it is for by :func:`mismatch_report`.
 """
 
 from __future__ import annotations
 
 import hashlib
 import os
+import pickle
 import re
 import socket
 import urllib.error
+import warnings
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Final
 
 import torch
+from torch import Tensor
 
 from .errors import ConfigError, WeightsMismatchError, WeightsMissingError
 
@@ -40,6 +49,8 @@ DOWNLOAD_TIMEOUT_S: Final = 30.0
 #: Shortest accepted sha256 prefix (torch.hub's filename convention uses 8).
 MIN_HASH_PREFIX: Final = 8
 
+_ZIP_MAGIC = b"PK\x03\x04"
+_MAX_LISTED = 6  # keys named per category in a mismatch message
 _HEX = re.compile(r"[0-9a-f]+")
 _FILENAME_HASH = re.compile(r"-([0-9a-f]{8,64})\.[^.]+$")  # torch.hub: "<name>-<sha256 prefix>.<ext>"
 
@@ -236,3 +247,74 @@ def fetch_lpips_trunk(net: str, progress: bool = True) -> Path:
         raise WeightsMissingError(f"could not download {spec.url}: no file was written; {offline}")
     verify_sha256(dst, spec.hash_prefix, hint=f"delete it and run `{fetch_command(net)}` again")
     return dst
+
+
+# -- reading ---------------------------------------------------------------------------------------------------------
+def _is_safetensors(head: bytes) -> bool:
+    """safetensors: 8-byte little-endian header length, then a JSON object."""
+    return len(head) >= 9 and head[8:9] == b"{" and int.from_bytes(head[:8], "little") < (1 << 32)
+
+
+def read_state_dict(
+    path: str | os.PathLike[str], *, trust_pickle: bool = False, pickle_hint: str = ""
+) -> dict[str, Tensor]:
+    """The tensors stored in a weights file (a Lightning ``state_dict`` unwrapped), on CPU.
+
+    The format is recognised from the file's first bytes, not its name.
+    ``trust_pickle=True`` lets ``torch.load`` run arbitrary pickled code; only
+    for files from a source you trust. Any failure is one
+    :class:`WeightsMismatchError` naming the file; ``pickle_hint`` is added
+    when ``weights_only`` loading refuses the file's Python objects.
+    """
+    p = Path(path)
+    with p.open("rb") as f:
+        head = f.read(16)
+    hint = f"the file is truncated or not a checkpoint: delete it and fetch it again ({p.stat().st_size} bytes)"
+    if _is_safetensors(head):
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+
+        try:
+            raw: object = load_file(str(p), device="cpu")
+        except (SafetensorError, OSError, ValueError) as e:
+            raise WeightsMismatchError(f"{p}: cannot read safetensors ({e}); {hint}") from None
+    else:
+        try:
+            with warnings.catch_warnings():  # torch warns about odd pickle protocols of garbage files: we raise
+                warnings.simplefilter("ignore", UserWarning)
+                raw = torch.load(p, map_location="cpu", weights_only=not trust_pickle, mmap=head.startswith(_ZIP_MAGIC))
+        except pickle.UnpicklingError as e:
+            if "weights only" in str(e).lower() or "weights_only" in str(e):
+                raise WeightsMismatchError(
+                    f"{p}: holds Python objects besides tensors, which weights_only loading refuses"
+                    + (f"; {pickle_hint}" if pickle_hint else "")
+                ) from None
+            raise WeightsMismatchError(f"{p}: cannot unpickle ({e}); {hint}") from None
+        except Exception as e:  # noqa: BLE001 - torch.load on a garbage file may raise anything (IndexError...)
+            first = str(e).strip().splitlines()[0] if str(e).strip() else "unreadable"
+            raise WeightsMismatchError(f"{p}: cannot read ({first}); {hint}") from None
+    if isinstance(raw, Mapping) and isinstance(raw.get("state_dict"), Mapping):
+        raw = raw["state_dict"]
+    if not isinstance(raw, Mapping):
+        raise WeightsMismatchError(f"{p}: expected a state dict, found {type(raw).__name__}")
+    tensors = {str(k): v for k, v in raw.items() if isinstance(v, Tensor)}
+    if not tensors:
+        raise WeightsMismatchError(f"{p}: contains no tensors")
+    return tensors
+
+
+def mismatch_report(expected: Mapping[str, Sequence[int]], found: Mapping[str, Tensor]) -> str:
+    """'' if ``found`` has exactly ``expected``'s keys and shapes, else a one-line description."""
+    missing = [k for k in expected if k not in found]
+    unexpected = [k for k in found if k not in expected]
+    shaped = [
+        f"{k}: file {list(found[k].shape)}, model {list(expected[k])}"
+        for k in expected
+        if k in found and tuple(found[k].shape) != tuple(expected[k])
+    ]
+    parts = []
+    for label, items in (("missing", missing), ("unexpected", unexpected), ("with the wrong shape", shaped)):
+        if items:
+            shown = ", ".join(items[:_MAX_LISTED]) + (", ..." if len(items) > _MAX_LISTED else "")
+            parts.append(f"{len(items)} {label} ({shown})")
+    return "; ".join(parts)

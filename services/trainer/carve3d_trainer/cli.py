@@ -1,54 +1,43 @@
 """``carve3d-train``: run, resume and inspect Carve3D RL finetuning.
 
-Settings come from defaults < ``CARVE3D_*`` env vars < ``--config file.json``
-< ``--set key=value`` (dotted keys, e.g. ``--set algorithm.beta=0``) < the
-named flags below. Problems end in one ``carve3d-train: error: ...`` line.
+Settings come from defaults < ``CARVE3D_*`` env vars < ``--config PRESET|FILE``
+< ``--set key=value`` (dotted keys, e.g. ``--set algorithm.beta=0``) < a flag
+per setting (``--algorithm.beta 0``, :mod:`.config_flags`); ``carve3d-train
+config`` prints the result. Problems end in one ``carve3d-train: error: ...`` line.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
 from carve3d_reward.errors import ConfigError, MRCError
 
 from . import __version__
+from .run_layout import REPORT
+
+if TYPE_CHECKING:
+    from .config import TrainConfig
 
 
-def _parse_set(items: list[str]) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for item in items:
-        key, sep, raw = item.partition("=")
-        if not sep or not key:
-            raise ConfigError(f"--set {item!r}: expected key=value, e.g. --set algorithm.beta=0")
-        try:
-            out[key] = json.loads(raw)
-        except json.JSONDecodeError:
-            out[key] = raw  # a bare string
-    return out
+def resolve_config(args: argparse.Namespace) -> TrainConfig:
+    """The settings ``train`` and ``config`` resolve: defaults < env < ``--config`` < ``--set`` < flags."""
+    from .config import config_file, load_config
+    from .config_flags import flag_settings, parse_set
+
+    overrides = parse_set(args.set) | flag_settings(args)
+    return load_config(config_file(args.config) if args.config else None, overrides)
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from .config import load_config
     from .trainer import Trainer
 
-    overrides = _parse_set(args.set)
-    named = {
-        "run_dir": args.run_dir,
-        "epochs": args.epochs,
-        "seed": args.seed,
-        "reward.mode": args.reward,
-        "reward.url": args.reward_url,
-        "policy.path": args.policy_path,
-    }
-    overrides |= {k: (str(v) if isinstance(v, Path) else v) for k, v in named.items() if v is not None}
-    config = load_config(args.config, overrides)
+    config = resolve_config(args)
     run_dir = config.run_dir
     if run_dir.exists() and any(run_dir.iterdir()) and not args.resume and not args.overwrite:
         raise ConfigError(f"{run_dir} already holds a run: pass --resume to continue it or --overwrite to replace it")
@@ -65,14 +54,23 @@ def cmd_train(args: argparse.Namespace) -> int:
     finally:
         trainer.close()
     if main_process:
-        print(f"report: {run_dir / 'report.md'}")
+        print(f"report: {run_dir / REPORT}")
+    return 0
+
+
+def cmd_config(args: argparse.Namespace) -> int:
+    config = resolve_config(args)
+    print(config.to_json(token="omit"))
+    if config.reward.token is not None:
+        print("carve3d-train: reward.token is set and not printed ($MRC_AUTH_TOKEN gives it back)", file=sys.stderr)
     return 0
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
+    from .config_flags import parse_set
     from .demo import run_demo
 
-    overrides = _parse_set(args.set)
+    overrides = parse_set(args.set)
     if args.epochs is not None:
         overrides["epochs"] = args.epochs
     if args.policy_path:
@@ -154,24 +152,53 @@ def cmd_sft(args: argparse.Namespace) -> int:
     return 0
 
 
+SETTINGS_HELP = (
+    "Settings: defaults < CARVE3D_* env vars < --config < --set KEY=VALUE < the flags below (defaults shown are "
+    "the code's). --config NAME (no / and no .) is a preset shipped with the package (e.g. demo, the demo's "
+    "settings, also configs/demo.json), anything else a JSON file's path."
+)
+
+
+SETTINGS_USAGE = "%(prog)s [--config PRESET|FILE] [--set KEY=VALUE ...] [--SETTING VALUE ...]".replace(
+    "%(prog)s", "carve3d-train {command}"
+)
+
+
+def _add_settings(parser: argparse.ArgumentParser) -> None:
+    from .config_flags import add_setting_flags
+
+    parser.add_argument("--config", metavar="PRESET|FILE", help="settings file: a shipped preset's name or a path")
+    parser.add_argument(
+        "--set", action="append", default=[], metavar="KEY=VALUE", help="a setting by its dotted key (repeatable)"
+    )
+    add_setting_flags(parser)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="carve3d-train", description=__doc__.split("\n")[0].replace("``", ""))
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    p = sub.add_parser("train", help="run (or --resume) RL finetuning against the MRC reward")
-    p.add_argument("--config", type=Path, help="JSON config (see docs/trainer.md)")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a setting (repeatable)")
-    p.add_argument("--run-dir", type=Path, help="where checkpoints, logs and the report go")
-    p.add_argument("--epochs", type=int)
-    p.add_argument("--seed", type=int)
-    p.add_argument("--reward", choices=["service", "in-process"], help="score through the service or locally")
-    p.add_argument("--reward-url", help="reward service URL (default http://127.0.0.1:8080)")
-    p.add_argument("--policy-path", help="model weights: a folder or hub id")
+    p = sub.add_parser(
+        "train",
+        help="run (or --resume) RL finetuning against the MRC reward",
+        usage=SETTINGS_USAGE.format(command="train") + " [--resume] [--overwrite] [--no-progress]",
+        description="Run (or --resume) RL finetuning against the MRC reward. " + SETTINGS_HELP,
+    )
     p.add_argument("--resume", action="store_true", help="continue the run in --run-dir from its last checkpoint")
     p.add_argument("--overwrite", action="store_true", help="replace an existing run in --run-dir")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    _add_settings(p)
     p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser(
+        "config",
+        help="print the resolved settings as JSON (a file that --config reads back)",
+        usage=SETTINGS_USAGE.format(command="config"),
+        description="Print the settings train would run with, as JSON (--config reads it back). " + SETTINGS_HELP,
+    )
+    _add_settings(p)
+    p.set_defaults(func=cmd_config)
 
     p = sub.add_parser("demo", help="the miniature Carve3D: start the reward service, finetune the shipped CPU model")
     p.add_argument("--out", type=Path, default=Path("out/rl-demo"))

@@ -1,15 +1,22 @@
 """The trainer's settings: one typed object (``CARVE3D_*`` env vars, a JSON config file, CLI overrides).
 
-Defaults are the paper's published settings where they apply (facts.md
-section 2) scaled down to the CPU demo where they cannot: the published run
-is 768 samples per epoch at 100 DDIM steps on an SDXL model; the defaults here
-finish in minutes on a laptop.
+Defaults are the Carve3D paper's published settings where they apply (the
+paper, Sec. 4) scaled down to the CPU demo where they cannot: the published
+run is 768 samples per epoch at 100 DDIM steps on an SDXL model; the defaults
+here finish in minutes on a laptop.
+
+A config file is JSON in the shape :meth:`TrainConfig.to_json` writes (sections
+as objects, any subset of the settings). ``--config NAME`` (no ``/`` and no
+``.``, or ``builtin:NAME``) is a preset shipped with the package
+(``carve3d_trainer/presets/NAME.json``; ``demo`` is the demo's, also at
+``configs/demo.json`` in the repository); anything else is a file's path.
 """
 
 from __future__ import annotations
 
 import json
 import os
+from importlib import resources
 from pathlib import Path
 from typing import Any, Literal
 
@@ -21,19 +28,28 @@ from carve3d_reward.settings import MetricSettings
 
 
 class PolicyConfig(BaseModel):
+    """The diffusion model being finetuned and how it samples."""
+
     model_config = ConfigDict(extra="forbid")
 
     kind: Literal["tiny", "sd", "sdxl"] = Field("tiny", description="Model family.")
-    path: str | None = Field(None, description="Weights: a local folder or hub id (tiny: None = random init).")
+    path: str | None = Field(
+        None, description="Weights: a local folder or hub id (tiny: also builtin:<name>; unset: random init)."
+    )
     num_steps: int = Field(20, ge=2, le=1000, description="DDIM steps per sample.")
     guidance_scale: float = Field(5.0, ge=1.0, description="Classifier-free guidance.")
     eta: float = Field(1.0, gt=0.0, le=1.0, description="DDIM eta (1: a proper stochastic policy).")
     lora_rank: int = Field(4, ge=0, description="LoRA rank on the UNet attention; 0 = full finetune.")
-    lora_targets: list[str] = Field(default_factory=lambda: ["to_q", "to_k", "to_v", "to_out.0"])
+    lora_targets: list[str] = Field(
+        default_factory=lambda: ["to_q", "to_k", "to_v", "to_out.0"],
+        description="UNet modules that get LoRA adapters (a JSON list).",
+    )
     mixed_precision: Literal["no", "fp16", "bf16"] = Field("no", description="UNet precision (log-probs stay fp32).")
 
 
 class AlgorithmConfig(BaseModel):
+    """The policy gradient: advantages, the loss, the optimiser and when to stop."""
+
     model_config = ConfigDict(extra="forbid")
 
     method: Literal["reinforce", "ppo"] = Field("reinforce", description="DDPO-SF (paper) or DDPO-IS with PPO clip.")
@@ -61,8 +77,8 @@ class AlgorithmConfig(BaseModel):
     )
     train_batch_size: int = Field(4, ge=1, description="Samples per backward pass.")
     grad_accum: int = Field(0, ge=0, description="Backward passes per optimiser step (0: the whole round).")
-    lr: float = Field(3e-4, gt=0.0)
-    weight_decay: float = Field(1e-4, ge=0.0)
+    lr: float = Field(3e-4, gt=0.0, description="AdamW's learning rate.")
+    weight_decay: float = Field(1e-4, ge=0.0, description="AdamW's weight decay.")
     adam_beta2: float = Field(
         0.999,
         gt=0.0,
@@ -70,16 +86,7 @@ class AlgorithmConfig(BaseModel):
         description="AdamW's second-moment decay. Lower (0.99) follows gradients that grow during the run "
         "(LoRA's do as the adapters leave zero) instead of averaging them with the small early ones.",
     )
-    max_grad_norm: float = Field(1.0, gt=0.0)
-    grad_norm_reference_rounds: int = Field(
-        0,
-        ge=0,
-        description="0: off. N: each optimiser step's learning rate is scaled by min(1, g_ref / g), g the step's "
-        "gradient norm and g_ref the mean of the first N updating rounds' (read from the run's history, so a "
-        "resumed run scales alike). AdamW moves the weights about the same distance every step; when the "
-        "samples' log-probs grow more sensitive to the weights (the gradient norm rises), that distance moves "
-        "the policy further, and in the demo's failing runs the KL then jumped within a round.",
-    )
+    max_grad_norm: float = Field(1.0, gt=0.0, description="Gradients are clipped to this norm before each step.")
     tracker_buffer: int = Field(3, ge=1, description="Tracker ring buffer, in samples per prompt per epoch.")
     tracker_min_count: int = Field(1, ge=1, description="Below this (x samples per prompt), batch statistics.")
     warmup_epochs: int = Field(1, ge=0, description="Epochs that only fill the trackers (no update).")
@@ -89,6 +96,8 @@ class AlgorithmConfig(BaseModel):
 
 
 class RewardConfig(BaseModel):
+    """Where the MRC reward comes from."""
+
     model_config = ConfigDict(extra="forbid")
 
     mode: Literal["service", "in-process"] = Field("service", description="Score through the service or locally.")
@@ -102,8 +111,25 @@ class RewardConfig(BaseModel):
     )
     timeout_s: float = Field(120.0, gt=0.0, description="Per-attempt timeout.")
     deadline_s: float = Field(900.0, gt=0.0, description="Give up on a batch after this long (then the run stops).")
-    retries: int = Field(10, ge=0)
-    metric: MetricSettings = Field(default_factory=MetricSettings, description="Metric (mode in-process).")
+    retries: int = Field(10, ge=0, description="Retries of a batch after connection errors, 502, 503 and 504.")
+    metric: MetricSettings = Field(
+        default_factory=MetricSettings,
+        description="The MRC metric of mode in-process (its defaults follow the MRC_* env vars).",
+    )
+
+
+class TargetsConfig(BaseModel):
+    """What ``report.md`` checks the run against, from its own numbers (none by default)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    min_mrc_drop: float | None = Field(
+        None, gt=0.0, lt=1.0, description="Held-out MRC falls by at least this fraction of the base model's."
+    )
+    max_alignment_drop: float | None = Field(
+        None, ge=0.0, description="Held-out prompt alignment falls by at most this many percentage points."
+    )
+    kl_under_stop: bool = Field(False, description="The last round's KL stays under algorithm.kl_stop (if set).")
 
 
 class TrainConfig(BaseSettings):
@@ -112,7 +138,7 @@ class TrainConfig(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="CARVE3D_", env_nested_delimiter="__", extra="forbid")
 
     run_dir: Path = Field(Path("out/train"), description="Checkpoints, logs, samples and the report.")
-    seed: int = 0
+    seed: int = Field(0, description="Seeds the prompts, the sampling noise and the minibatch order of every round.")
     epochs: int = Field(10, ge=1, description="Sampling rounds (including warm-up).")
     train_prompts: str = Field("builtin:shapes-train", description="A prompt file, or builtin:<name>.")
     test_prompts: str = Field("builtin:shapes-test", description="Held-out prompts for evaluation.")
@@ -125,13 +151,16 @@ class TrainConfig(BaseSettings):
         "samples_per_epoch / k prompts (in turn, from a shuffled prompt set) k times each, so every prompt's "
         "advantage is normalised against samples of the same round (the paper: 768 samples over 30 prompts).",
     )
-    eval_every: int = Field(1, ge=0, description="Evaluate every N epochs (0: only at the end); epoch 0 always.")
-    eval_samples_per_prompt: int = Field(1, ge=1)
+    eval_every: int = Field(
+        1, ge=0, description="Evaluate every N epochs (0: only the last); the base model before round 0 always."
+    )
+    eval_samples_per_prompt: int = Field(1, ge=1, description="Held-out samples per prompt (>= 2: diversity).")
     save_every: int = Field(1, ge=1, description="Checkpoint every N epochs.")
-    keep_checkpoints: int = Field(2, ge=1)
+    keep_checkpoints: int = Field(2, ge=1, description="Checkpoints kept (the newest).")
     policy: PolicyConfig = Field(default_factory=PolicyConfig)
     algorithm: AlgorithmConfig = Field(default_factory=AlgorithmConfig)
     reward: RewardConfig = Field(default_factory=RewardConfig)
+    targets: TargetsConfig = Field(default_factory=TargetsConfig)
 
     @model_validator(mode="after")
     def _check(self) -> TrainConfig:
@@ -147,11 +176,41 @@ class TrainConfig(BaseSettings):
             )
         return self
 
-    def to_json(self) -> str:
+    def to_json(self, *, token: Literal["mask", "omit"] = "mask") -> str:
+        """Every setting as JSON. A set token is written as ``***`` (``mask``: the run folder's record) or left
+        out (``omit``: read back with ``--config``, the output is this config again, the token coming from
+        ``$MRC_AUTH_TOKEN`` again)."""
         data = self.model_dump(mode="json")
         if data["reward"]["token"]:
-            data["reward"]["token"] = "***"
+            if token == "omit":
+                del data["reward"]["token"]
+            else:
+                data["reward"]["token"] = "***"
         return json.dumps(data, indent=2, sort_keys=True)
+
+
+PRESET_PREFIX = "builtin:"
+
+
+def presets() -> list[str]:
+    """The names of the config presets shipped with the package."""
+    folder = resources.files("carve3d_trainer") / "presets"
+    return sorted(p.name.removesuffix(".json") for p in folder.iterdir() if p.name.endswith(".json"))
+
+
+def config_file(spec: str | Path) -> Path:
+    """``--config``'s file: ``NAME`` or ``builtin:NAME`` (no ``/``, no ``.``) is a shipped preset, else a path."""
+    text = str(spec)
+    name = text.removeprefix(PRESET_PREFIX)
+    if text.startswith(PRESET_PREFIX) or not any(c in name for c in "/\\."):
+        resource = resources.files("carve3d_trainer") / "presets" / f"{name}.json"
+        if not resource.is_file():
+            raise ConfigError(
+                f"--config {text}: no such preset (shipped: {', '.join(presets())}); "
+                "a file's path has a / or a suffix, e.g. ./my-config.json"
+            )
+        return Path(str(resource))
+    return Path(text)
 
 
 def load_config(path: Path | None = None, overrides: dict[str, Any] | None = None) -> TrainConfig:

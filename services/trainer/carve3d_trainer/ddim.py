@@ -6,7 +6,9 @@ under that Gaussian, both while sampling and when re-scoring a stored
 trajectory with new parameters. Always computed in float32: the difference of
 two log-probs of nearly equal policies is tiny and fp16 loses it.
 
-Conventions (facts.md section 2, DDPO):
+Conventions (DDPO, Black et al. 2023, as in ddpo-pytorch's
+``ddpo_pytorch/diffusers_patch/ddim_with_logprob.py``; the Carve3D paper, Sec. 4,
+finetunes with the same policy):
 
 * ``x0_hat = (x_t - sqrt(1 - a_t) eps) / sqrt(a_t)``
 * ``sigma_t = eta * sqrt((1 - a_prev) / (1 - a_t) * (1 - a_t / a_prev))``

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-if TYPE_CHECKING:
-    from .trainer import Trainer
+from carve3d_reward.errors import ConfigError
+
+from .config import TargetsConfig
+from .run_layout import BASE_EPOCH, COMPARE, CURVES, METRICS, REPORT, TENSORBOARD, epoch_label, epoch_sheets, sheet_path
 
 SCALARS = (
     "reward_mean",
@@ -26,44 +27,44 @@ SCALARS = (
     "eval_diversity",
     "invalid",
     "skipped_steps",
-    "step_scale",
 )
-
-BASE_EPOCH = -1
-"""The epoch of the base model's evaluation record: record ``e`` holds the model after round ``e``, the base
-model is the one before round 0 (with no warm-up round, round 0 already updates it)."""
-
-
-def epoch_label(epoch: int) -> str:
-    return "base" if epoch == BASE_EPOCH else str(epoch)
-
-
-def sheet_path(run_dir: Path, epoch: int) -> Path:
-    """Where an evaluation's sheet of held-out samples goes (``eval/base.png`` for the base model's)."""
-    return run_dir / "eval" / ("base.png" if epoch == BASE_EPOCH else f"epoch-{epoch:04d}.png")
 
 
 class EpochLogger:
-    """Prints a table row per epoch and keeps TensorBoard, ``metrics.jsonl`` and ``report.md`` current."""
+    """Prints a table row per epoch and keeps TensorBoard, ``metrics.jsonl`` and ``report.md`` current.
 
-    def __init__(self, trainer: Trainer, enabled: bool = True) -> None:
-        self.trainer = trainer
+    ``targets`` (with the run's ``kl_stop``): what ``report.md`` checks the run against.
+    """
+
+    def __init__(
+        self,
+        run_dir: Path,
+        *,
+        metric_id: str = "",
+        targets: TargetsConfig | None = None,
+        kl_stop: float | None = None,
+        enabled: bool = True,
+    ) -> None:
+        self.run_dir = run_dir
+        self.metric_id = metric_id
+        self.targets = targets
+        self.kl_stop = kl_stop
         self.enabled = enabled
-        self.run_dir = trainer.cfg.run_dir
         self.writer = None
         if enabled:
             from rich.console import Console
             from torch.utils.tensorboard import SummaryWriter
 
             self.console = Console(width=max(Console().width, 110))
-            self.writer = SummaryWriter(str(self.run_dir / "tb"))
+            self.writer = SummaryWriter(str(self.run_dir / TENSORBOARD))
             self.console.print(
                 f"[bold]{'epoch':>5} {'reward':>9} {'MRC':>8} {'KL':>9} {'eval MRC':>9} {'align%':>6} {'loss':>9} "
                 f"{'|grad|':>8} {'wait s':>7} {'samp/s':>7} {'invalid':>7}[/bold]",
                 soft_wrap=True,
             )
 
-    def log(self, record: dict[str, Any]) -> None:
+    def log(self, record: dict[str, Any], history: list[dict[str, Any]]) -> None:
+        """Show ``record`` (the latest of ``history``, the run's records so far) everywhere."""
         if not self.enabled:
             return
         epoch = record["epoch"]
@@ -78,7 +79,7 @@ class EpochLogger:
 
             with Image.open(sheet) as img:
                 self.writer.add_image("eval/sheet", np.asarray(img.convert("RGB")), epoch, dataformats="HWC")
-        with (self.run_dir / "metrics.jsonl").open("a") as f:
+        with (self.run_dir / METRICS).open("a") as f:
             f.write(json.dumps(record) + "\n")
 
         def fmt(key: str, width: int, spec: str = ".4f") -> str:
@@ -95,22 +96,11 @@ class EpochLogger:
             f"{fmt('reward_wait_s', 7, '.1f')} {fmt('samples_per_s', 7, '.2f')} {fmt('invalid', 7, 'd')}{note}",
             soft_wrap=True,
         )
-        write_report(
-            self.run_dir, self.trainer.state.history, self.trainer.state.metric_id, self.trainer.report_targets
-        )
+        write_report(self.run_dir, history, self.metric_id, self.targets, self.kl_stop)
 
     def close(self) -> None:
         if self.writer is not None:
             self.writer.close()
-
-
-@dataclass(frozen=True)
-class Targets:
-    """What a run must show to count as a success (the miniature Carve3D's acceptance, issue 8)."""
-
-    min_mrc_drop: float = 0.20  # held-out MRC falls by at least this fraction of the base model's
-    max_alignment_drop: float = 5.0  # prompt alignment (percentage points) falls by at most this
-    kl_stop: float | None = None  # the final round's KL stays under this
 
 
 def _evals(history: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -145,15 +135,17 @@ def before_after(history: list[dict[str, Any]]) -> dict[str, Any] | None:
     }
 
 
-def check_targets(summary: dict[str, Any], targets: Targets) -> dict[str, bool]:
-    """Each target of ``targets`` met or not (computed from the run's own numbers)."""
-    checks = {
-        f"held-out MRC falls by >= {targets.min_mrc_drop:.0%}": summary["mrc_change"] <= -targets.min_mrc_drop,
-        f"alignment drops by <= {targets.max_alignment_drop:g} points": summary["alignment_change"]
-        >= -targets.max_alignment_drop,
-    }
-    if targets.kl_stop is not None:
-        checks[f"KL stays under kl_stop = {targets.kl_stop:g}"] = summary["train_kl"] < targets.kl_stop
+def check_targets(summary: dict[str, Any], targets: TargetsConfig, kl_stop: float | None) -> dict[str, bool]:
+    """Each target set in ``targets`` met or not (computed from the run's own numbers; ``kl_stop``: the run's)."""
+    checks = {}
+    if targets.min_mrc_drop is not None:
+        checks[f"held-out MRC falls by >= {targets.min_mrc_drop:.0%}"] = summary["mrc_change"] <= -targets.min_mrc_drop
+    if targets.max_alignment_drop is not None:
+        checks[f"alignment drops by <= {targets.max_alignment_drop:g} points"] = (
+            summary["alignment_change"] >= -targets.max_alignment_drop
+        )
+    if targets.kl_under_stop and kl_stop is not None:
+        checks[f"KL stays under kl_stop = {kl_stop:g}"] = summary["train_kl"] < kl_stop
     return checks
 
 
@@ -169,7 +161,7 @@ def compare_sheets(run_dir: Path, base_epoch: int, final_epoch: int) -> Path | N
     out = Image.new("RGB", (left.width + gap + right.width, max(left.height, right.height)), "white")
     out.paste(left, (0, 0))
     out.paste(right, (left.width + gap, 0))
-    path = run_dir / "compare.png"
+    path = run_dir / COMPARE
     out.save(path)
     return path
 
@@ -181,12 +173,17 @@ def _fmt(value: Any, spec: str) -> str:
 
 
 def write_report(
-    run_dir: Path, history: list[dict[str, Any]], metric_id: str = "", targets: Targets | None = None
+    run_dir: Path,
+    history: list[dict[str, Any]],
+    metric_id: str = "",
+    targets: TargetsConfig | None = None,
+    kl_stop: float | None = None,
 ) -> Path:
     """``report.md``: curves (``curves.png``), the per-epoch table, base vs finetuned, the latest sheet.
 
-    With ``targets`` it also says, from the run's own numbers, whether each was met.
+    With ``targets`` it also says, from the run's own numbers (and its ``kl_stop``), whether each was met.
     """
+    checks_kl = targets is not None and targets.kl_under_stop and kl_stop is not None
     import matplotlib
 
     matplotlib.use("Agg")
@@ -203,8 +200,8 @@ def write_report(
     axes[0].set_title("MRC (lower = more 3D-consistent)")
     axes[1].plot(*series("kl_mean"), marker="o", color="tab:red", label="train samples")
     axes[1].plot(*series("eval_kl"), marker="s", color="tab:orange", label="held-out prompts")
-    if targets is not None and targets.kl_stop is not None:
-        axes[1].axhline(targets.kl_stop, color="black", ls="--", lw=1, label="kl_stop")
+    if checks_kl:
+        axes[1].axhline(kl_stop, color="black", ls="--", lw=1, label="kl_stop")
     axes[1].set_title("KL to the base model")
     axes[2].plot(*series("eval_alignment"), marker="s", color="tab:green")
     axes[2].set_title("prompt alignment, held-out (%)")
@@ -219,7 +216,7 @@ def write_report(
     axes[0].legend(fontsize=8)
     axes[1].legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(run_dir / "curves.png", dpi=110)
+    fig.savefig(run_dir / CURVES, dpi=110)
     plt.close(fig)
 
     lines = [
@@ -232,7 +229,7 @@ def write_report(
     text = (
         "# Carve3D RL finetuning report\n\n"
         f"Reward metric: `{metric_id or 'unknown'}`\n\n"
-        "![curves](curves.png)\n\n"
+        f"![curves]({CURVES})\n\n"
         "| epoch | train MRC | KL | held-out MRC | alignment % | diversity | invalid | update |\n"
         "|---|---|---|---|---|---|---|---|\n" + "\n".join(lines) + "\n"
     )
@@ -250,29 +247,27 @@ def write_report(
             f"| diversity | {_fmt(d0, '.4f')} | {_fmt(d1, '.4f')} | |\n"
             f"| KL to the base (held-out) | {k0:.3e} | {k1:.3e} | |\n"
         )
-        if targets is not None:
-            checks = check_targets(summary, targets)
+        checks = check_targets(summary, targets, kl_stop) if targets is not None else {}
+        if checks:
             text += "\n" + "\n".join(f"- {'PASS' if ok else 'FAIL'}: {name}" for name, ok in checks.items()) + "\n"
         compare = compare_sheets(run_dir, summary["base_epoch"], summary["final_epoch"])
         if compare is not None:
             text += "\nSame prompts, same noise: base (left) and finetuned (right), each grid beside its re-render.\n\n"
             text += f"![base vs finetuned]({compare.name})\n"
-    sheets = sorted((run_dir / "eval").glob("epoch-*.png")) or [sheet_path(run_dir, BASE_EPOCH)]
+    sheets = epoch_sheets(run_dir) or [sheet_path(run_dir, BASE_EPOCH)]
     sheets = [p for p in sheets if p.exists()]
     if sheets:
         text += f"\n## Latest held-out samples\n\n![samples]({sheets[-1].relative_to(run_dir)})\n"
-    path = run_dir / "report.md"
+    path = run_dir / REPORT
     path.write_text(text)
     return path
 
 
 def load_history(run_dir: Path) -> list[dict[str, Any]]:
     """A run's per-epoch records (``metrics.jsonl``; a resumed run's repeated epochs keep the last)."""
-    path = run_dir / "metrics.jsonl"
+    path = run_dir / METRICS
     if not path.exists():
-        from carve3d_reward.errors import ConfigError
-
-        raise ConfigError(f"{run_dir}: no metrics.jsonl (not a run folder, or no epoch finished yet)")
+        raise ConfigError(f"{run_dir}: no {METRICS} (not a run folder, or no epoch finished yet)")
     records: dict[int, dict[str, Any]] = {}
     for line in path.read_text().splitlines():
         if line.strip():

@@ -8,7 +8,7 @@ The shipped prompt sets (``shapes-train`` / ``shapes-test``) use a tiny grammar:
 
 with the colours of :data:`COLOURS`, the shapes of :data:`SHAPES` and the
 modifiers of :data:`MODIFIERS`. :func:`scene_from_prompt` parses such a prompt
-into the matching primitives of :mod:`carve3d_reward.synthetic` (a sphere is an
+into the matching primitives of :mod:`carve3d_reward.tools.synthetic` (a sphere is an
 ellipsoid, a cube an equal-sided box, a box an elongated one), drawing the
 details the prompt leaves open (exact size, rotation about the vertical axis,
 texture kind and frequency, the second texture colour) from the seed. Parsing is
@@ -36,7 +36,7 @@ from torch import Tensor
 
 from carve3d_reward.grid import join_grid
 from carve3d_reward.layouts import INSTANT3D_2X2
-from carve3d_reward.synthetic import BOX, CHECKER, CYLINDER, ELLIPSOID, RINGS, STRIPES, SceneBatch, render_scenes
+from carve3d_reward.tools.synthetic import BOX, CHECKER, CYLINDER, ELLIPSOID, RINGS, STRIPES, SceneBatch, render_scenes
 
 #: Palette: saturated colours, none near white (the background).
 COLOURS: dict[str, tuple[float, float, float]] = {
@@ -47,7 +47,7 @@ COLOURS: dict[str, tuple[float, float, float]] = {
     "purple": (0.55, 0.15, 0.70),
     "orange": (0.95, 0.50, 0.05),
 }
-#: Shape words -> primitive kind (see :data:`carve3d_reward.synthetic.PRIMITIVE_KINDS`).
+#: Shape words -> primitive kind (see :data:`carve3d_reward.tools.synthetic.PRIMITIVE_KINDS`).
 SHAPES: dict[str, int] = {"sphere": ELLIPSOID, "cube": BOX, "cylinder": CYLINDER, "box": BOX}
 #: Modifiers: two textures and two proportions.
 MODIFIERS = ("striped", "checkered", "tall", "flat")

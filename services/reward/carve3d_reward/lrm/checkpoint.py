@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import pickle
 import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -40,16 +39,14 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
+from .. import weights
 from ..errors import ConfigError, MRCError, WeightsMismatchError, WeightsMissingError
-from ..weights import file_sha256, verify_sha256
+from ..weights import file_sha256, mismatch_report, verify_sha256
 from .config import PRESETS, LRMConfig, get_preset
 from .model import LRMGenerator, build_generator
 
 #: Key prefix of the generator's weights inside the published Lightning checkpoints.
 LIGHTNING_PREFIX = "lrm_generator."
-
-_ZIP_MAGIC = b"PK\x03\x04"
-_MAX_LISTED = 6  # keys named per category in a mismatch message
 
 
 def fetch_command(preset: str) -> str:
@@ -58,78 +55,31 @@ def fetch_command(preset: str) -> str:
 
 
 # -- reading -----------------------------------------------------------------------------------------------------------
-def _is_safetensors(head: bytes) -> bool:
-    """safetensors: 8-byte little-endian header length, then a JSON object."""
-    return len(head) >= 9 and head[8:9] == b"{" and int.from_bytes(head[:8], "little") < (1 << 32)
-
-
 def read_state_dict(path: str | os.PathLike[str], *, trust_pickle: bool = False) -> dict[str, Tensor]:
-    """The generator's state dict stored in ``path`` (prefix stripped, on CPU).
+    """The generator's state dict stored in ``path`` (Lightning prefix stripped, on CPU).
 
     ``trust_pickle=True`` lets ``torch.load`` run arbitrary pickled code; only
     for files from a source you trust (see the module docstring).
     """
     p = Path(path)
-    with p.open("rb") as f:
-        head = f.read(16)
-    hint = f"the file is truncated or not a checkpoint: delete it and fetch it again ({p.stat().st_size} bytes)"
-    if _is_safetensors(head):
-        from safetensors import SafetensorError
-        from safetensors.torch import load_file
-
-        try:
-            raw: object = load_file(str(p), device="cpu")
-        except (SafetensorError, OSError, ValueError) as e:
-            raise WeightsMismatchError(f"{p}: cannot read safetensors ({e}); {hint}") from None
-    else:
-        try:
-            raw = torch.load(p, map_location="cpu", weights_only=not trust_pickle, mmap=head.startswith(_ZIP_MAGIC))
-        except pickle.UnpicklingError as e:
-            if "weights only" in str(e).lower() or "weights_only" in str(e):
-                raise WeightsMismatchError(
-                    f"{p}: holds Python objects besides tensors, which weights_only loading refuses; if the file "
-                    "comes from a source you trust, convert it once with `python -m carve3d_reward.lrm.checkpoint "
-                    f"{p} {p.with_suffix('.safetensors')} --trust-pickle` and set MRC_LRM_CHECKPOINT to the result"
-                ) from None
-            raise WeightsMismatchError(f"{p}: cannot unpickle ({e}); {hint}") from None
-        except (RuntimeError, EOFError, OSError, ValueError) as e:
-            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise WeightsMismatchError(f"{p}: cannot read ({first}); {hint}") from None
-    return extract_state_dict(raw, source=str(p))
+    convert = (
+        "if the file comes from a source you trust, convert it once with `python -m carve3d_reward.lrm.checkpoint "
+        f"{p} {p.with_suffix('.safetensors')} --trust-pickle` and set MRC_LRM_CHECKPOINT to the result"
+    )
+    return extract_state_dict(weights.read_state_dict(p, trust_pickle=trust_pickle, pickle_hint=convert), source=str(p))
 
 
-def extract_state_dict(raw: object, *, source: str = "checkpoint") -> dict[str, Tensor]:
-    """Tensors of a loaded checkpoint: a Lightning dict (``state_dict`` + prefix) or a bare state dict."""
-    if isinstance(raw, Mapping) and isinstance(raw.get("state_dict"), Mapping):
-        raw = raw["state_dict"]
-    if not isinstance(raw, Mapping):
-        raise WeightsMismatchError(f"{source}: expected a state dict, found {type(raw).__name__}")
-    tensors = {str(k): v for k, v in raw.items() if isinstance(v, Tensor)}
+def extract_state_dict(raw: Mapping[str, Tensor], *, source: str = "checkpoint") -> dict[str, Tensor]:
+    """The generator's tensors of a state dict: a training checkpoint's ``lrm_generator.*`` keys, or all of them."""
+    tensors = dict(raw)
     if any(k.startswith(LIGHTNING_PREFIX) for k in tensors):  # a training checkpoint: keep the generator only
         tensors = {k[len(LIGHTNING_PREFIX) :]: v for k, v in tensors.items() if k.startswith(LIGHTNING_PREFIX)}
     if not tensors:
-        raise WeightsMismatchError(f"{source}: contains no tensors")
+        raise WeightsMismatchError(f"{source}: contains no generator tensors")
     return tensors
 
 
 # -- checking and loading ---------------------------------------------------------------------------------------------
-def mismatch_report(expected: Mapping[str, Sequence[int]], found: Mapping[str, Tensor]) -> str:
-    """'' if ``found`` has exactly ``expected``'s keys and shapes, else a one-line description."""
-    missing = [k for k in expected if k not in found]
-    unexpected = [k for k in found if k not in expected]
-    shaped = [
-        f"{k}: file {list(found[k].shape)}, model {list(expected[k])}"
-        for k in expected
-        if k in found and tuple(found[k].shape) != tuple(expected[k])
-    ]
-    parts = []
-    for label, items in (("missing", missing), ("unexpected", unexpected), ("with the wrong shape", shaped)):
-        if items:
-            shown = ", ".join(items[:_MAX_LISTED]) + (", ..." if len(items) > _MAX_LISTED else "")
-            parts.append(f"{len(items)} {label} ({shown})")
-    return "; ".join(parts)
-
-
 def expected_shapes(config: LRMConfig) -> dict[str, tuple[int, ...]]:
     """Every state-dict key of ``config``'s model with its shape (built on the meta device: no memory)."""
     return {k: tuple(v.shape) for k, v in build_generator(config, device="meta").state_dict().items()}

@@ -10,7 +10,6 @@ crash the worker or lose another request. Messages follow ``proto/mrc.proto``.
 from __future__ import annotations
 
 import asyncio
-import base64
 import hmac
 import logging
 import time
@@ -20,7 +19,6 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any
 
-import msgpack
 import numpy as np
 from fastapi import FastAPI, Request, Response
 from fastapi.concurrency import run_in_threadpool
@@ -32,6 +30,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from .. import __version__
 from ..errors import InvalidInputError
 from ..model import MRCModel
+from ..scores import GridScore, Status
 from ..wire import REQUEST_ID_RULE, is_valid_request_id
 from .batcher import (
     AsyncEngine,
@@ -47,13 +46,11 @@ from .errors import APIError, error_response
 from .idempotency import IdempotencyCache
 from .metrics import ServiceMetrics
 from .requests import ParsedRequest, RequestDecoder, RequestOptions, read_body, request_options
+from .responses import respond
 from .schemas import SCORE_OPENAPI, ErrorModel, GridScoreModel, InfoModel, ScoreResponseModel, document_request_body
 from .settings import ServiceSettings
 
 log = logging.getLogger("carve3d_reward.service")
-
-STATUS_INVALID = "invalid"
-STATUS_ERROR = "error"
 
 
 @dataclass
@@ -67,29 +64,6 @@ class ServiceState:
     engine: AsyncEngine | None = None  # a remote engine that batches itself (Triton)
     ready: bool = False
     draining: bool = False
-
-
-# -- encoding --------------------------------------------------------------------------------------
-def to_jsonable(obj: Any) -> Any:
-    if isinstance(obj, bytes | bytearray):
-        return base64.b64encode(obj).decode()
-    if isinstance(obj, dict):
-        return {k: to_jsonable(v) for k, v in obj.items()}
-    if isinstance(obj, list):
-        return [to_jsonable(v) for v in obj]
-    return obj
-
-
-def _invalid(message: str, metric: str, status: str = STATUS_INVALID) -> dict[str, Any]:
-    return {
-        "mrc": None,
-        "reward": None,
-        "status": status,
-        "views": [],
-        "metric": metric,
-        "version": __version__,
-        "error": message,
-    }
 
 
 # -- the app ---------------------------------------------------------------------------------------
@@ -128,7 +102,7 @@ def create_app(
         else:
             loaded = state.model
             state.batcher = DynamicBatcher(
-                score_fn or (lambda grids, renders: loaded.score_dicts(grids, return_renders=renders)),
+                score_fn or (lambda grids, renders: loaded.score_grids(grids, return_renders=renders)),
                 max_batch=settings.max_batch,
                 max_delay_s=settings.max_delay_ms / 1000.0,
                 metrics=state.metrics,
@@ -252,7 +226,7 @@ def create_app(
             key = IdempotencyCache.key(request_id, options, body)
             cached = state.responses.get(key)
             if cached is not None:
-                return _respond(await asyncio.shield(cached), request_id)
+                return respond(await asyncio.shield(cached), request_id)
         future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         if key is not None:
             state.responses.put(key, future)
@@ -266,7 +240,7 @@ def create_app(
                 state.responses.forget(key)  # errors are not remembered: a retry computes again
             raise
         future.set_result(reply)
-        return _respond(reply, request_id)
+        return respond(reply, request_id)
 
     @app.get("/healthz", summary="Liveness: the process answers")
     async def healthz() -> dict[str, str]:
@@ -330,7 +304,7 @@ _ROUTES = frozenset({"/mrc", "/healthz", "/readyz", "/metrics", "/v1/info"})
 
 async def _score_request(
     request: Request, body: bytes, options: RequestOptions, state: ServiceState
-) -> tuple[ParsedRequest, list[dict[str, Any]]]:
+) -> tuple[ParsedRequest, list[GridScore]]:
     assert state.batcher is not None and state.model is not None and state.decoder is not None
     settings = state.settings
     metric_id = state.model.metric_id
@@ -357,26 +331,15 @@ async def _score_request(
         raise APIError(503, "shutting_down", str(exc), {"Retry-After": "5"}) from None
     except TimeoutError:
         raise APIError(504, "timeout", f"scoring took longer than {settings.request_timeout_s:g} s") from None
-    results: list[dict[str, Any]] = [
-        _invalid(str(g), metric_id) if isinstance(g, InvalidInputError) else {} for g in parsed.grids
-    ]
+    results = [GridScore.invalid(str(g), metric_id) if isinstance(g, InvalidInputError) else None for g in parsed.grids]
     for (i, _), res in zip(valid, scored, strict=True):
         if isinstance(res, Exception):  # the traceback is in the server's log
-            res = _invalid(f"the server failed to score this grid ({res}); retrying may help", metric_id, STATUS_ERROR)
+            message = f"the server failed to score this grid ({res}); retrying may help"
+            res = GridScore.invalid(message, metric_id, Status.ERROR)
         results[i] = res
-    for res in results:
-        state.metrics.grids.labels(res["status"]).inc()
-    if parsed.options.kind == "image" and results[0]["status"] == STATUS_ERROR:
-        raise APIError(500, "scoring_failed", results[0]["error"])
-    return parsed, results
-
-
-def _respond(reply: tuple[ParsedRequest, list[dict[str, Any]]], request_id: str) -> Response:
-    parsed, results = reply
-    if parsed.options.kind == "image":
-        return JSONResponse(to_jsonable(results[0]))
-    metric = next((r["metric"] for r in results if r.get("metric")), "")
-    payload = {"results": results, "request_id": request_id, "metric": metric}
-    if parsed.options.reply_msgpack:
-        return Response(msgpack.packb(payload, use_bin_type=True), media_type="application/msgpack")
-    return JSONResponse(to_jsonable(payload))
+    answered = [r for r in results if r is not None]
+    for res in answered:
+        state.metrics.grids.labels(res.status.value).inc()
+    if parsed.options.kind == "image" and answered[0].status is Status.ERROR:
+        raise APIError(500, "scoring_failed", answered[0].error)
+    return parsed, answered

@@ -25,10 +25,11 @@ import time
 from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Protocol
 
 import numpy as np
 
+from ..scores import GridScore
 from .memory import release_memory
 from .metrics import ServiceMetrics
 
@@ -37,10 +38,10 @@ log = logging.getLogger("carve3d_reward.service")
 #: After this long with nothing to score, memory freed by the last batches is handed back to the OS.
 IDLE_RELEASE_S = 1.0
 
-#: ``(grids [B, H, W, 3] uint8, return_renders) -> one result dict per grid``.
-ScoreFn = Callable[[np.ndarray, bool], list[dict[str, Any]]]
+#: ``(grids [B, H, W, 3] uint8, return_renders) -> one score per grid``.
+ScoreFn = Callable[[np.ndarray, bool], list[GridScore]]
 #: The same, as a coroutine (engines that wait on the network instead of computing).
-AsyncScoreFn = Callable[[np.ndarray, bool], Awaitable[list[dict[str, Any]]]]
+AsyncScoreFn = Callable[[np.ndarray, bool], Awaitable[list[GridScore]]]
 
 
 class AsyncEngine(Protocol):
@@ -49,7 +50,7 @@ class AsyncEngine(Protocol):
     #: Whether ``return_renders`` can be honoured (the gateway answers 400 otherwise).
     supports_renders: bool
 
-    async def __call__(self, grids: np.ndarray, want_renders: bool) -> list[dict[str, Any]]: ...
+    async def __call__(self, grids: np.ndarray, want_renders: bool) -> list[GridScore]: ...
 
     async def start(self) -> None: ...
 
@@ -124,7 +125,7 @@ class _QueueLimits:
 class _Item:
     grid: np.ndarray
     want_renders: bool
-    future: asyncio.Future[dict[str, Any]]
+    future: asyncio.Future[GridScore]
     enqueued: float = field(default_factory=time.perf_counter)
 
     @property
@@ -169,7 +170,7 @@ class DynamicBatcher:
     async def start(self) -> None:
         self._task = asyncio.create_task(self._collect(), name="mrc-batcher")
 
-    async def submit(self, grids: list[np.ndarray], want_renders: bool = False) -> list[dict[str, Any] | ScoringError]:
+    async def submit(self, grids: list[np.ndarray], want_renders: bool = False) -> list[GridScore | ScoringError]:
         """Score ``grids`` (each ``[H, W, 3]``); results in the same order.
 
         A grid that fails even alone comes back as its :class:`ScoringError`;
@@ -292,7 +293,7 @@ class DynamicBatcher:
         for it, result in zip(batch, results, strict=True):
             if not it.future.done():
                 if not it.want_renders:
-                    result = {k: v for k, v in result.items() if k != "renders"}
+                    result = result.without_renders()
                 it.future.set_result(result)
 
     def _update_depth(self) -> None:
@@ -340,7 +341,7 @@ class PassThroughBatcher:
     async def start(self) -> None:
         self._started = True
 
-    async def submit(self, grids: list[np.ndarray], want_renders: bool = False) -> list[dict[str, Any] | ScoringError]:
+    async def submit(self, grids: list[np.ndarray], want_renders: bool = False) -> list[GridScore | ScoringError]:
         if self._closing or not self._started:
             raise EngineClosedError("the scoring engine is shutting down")
         pixels = self.limits.admit(grids)
@@ -355,11 +356,11 @@ class PassThroughBatcher:
         finally:
             self.limits.release(len(grids), pixels)
             self._changed()
-        results: list[dict[str, Any] | ScoringError] = [ScoringError("not scored")] * len(grids)
+        results: list[GridScore | ScoringError] = [ScoringError("not scored")] * len(grids)
         for idx, group in zip(groups.values(), scored, strict=True):
             for i, res in zip(idx, group, strict=True):
-                if isinstance(res, dict) and not want_renders:
-                    res = {k: v for k, v in res.items() if k != "renders"}
+                if isinstance(res, GridScore) and not want_renders:
+                    res = res.without_renders()
                 results[i] = res
         return results
 
@@ -372,7 +373,7 @@ class PassThroughBatcher:
             except TimeoutError:
                 log.warning("%d grids still in flight after the drain timeout", self.limits.grids)
 
-    async def _run(self, grids: np.ndarray, want_renders: bool) -> list[dict[str, Any] | ScoringError]:
+    async def _run(self, grids: np.ndarray, want_renders: bool) -> list[GridScore | ScoringError]:
         start = time.perf_counter()
         try:
             results = await self._score_fn(grids, want_renders)

@@ -1,4 +1,9 @@
-"""JSON shapes of the API for the OpenAPI document (fields mirror ``proto/mrc.proto``)."""
+"""JSON shapes of the API for the OpenAPI document (fields mirror ``proto/mrc.proto``).
+
+These describe the wire for the document only: scores are
+:class:`carve3d_reward.scores.GridScore` everywhere in the code, and a test
+checks that :class:`GridScoreModel` has exactly the fields of its ``to_wire()``.
+"""
 
 from __future__ import annotations
 
@@ -6,6 +11,8 @@ from typing import Any
 
 from fastapi import FastAPI
 from pydantic import BaseModel, Field
+
+from ..scores import Status
 
 
 class GridModel(BaseModel):
@@ -30,7 +37,9 @@ class ViewScoreModel(BaseModel):
 class GridScoreModel(BaseModel):
     mrc: float | None = Field(description="Lower is more 3D-consistent; null when status is 'invalid'/'error'.")
     reward: float | None = Field(description="-mrc.")
-    status: str = Field(description="'ok' | 'empty_view' | 'invalid' | 'error'.")
+    status: Status = Field(
+        description="ok: use it; empty_view: scored, keep out of statistics; invalid, error: not scored."
+    )
     views: list[ViewScoreModel]
     metric: str
     version: str

@@ -5,7 +5,7 @@ model=..., engine=TritonEngine(...))`` serves it behind a
 :class:`~.batcher.PassThroughBatcher`, so the gateway adds no batching delay of
 its own: Triton's dynamic batcher gathers grids across requests (and across
 gateways). Replies are turned into the proto-shaped dicts of the in-process
-engine by the same function (:meth:`~carve3d_reward.model.ModelOutputs.grid_results`).
+engine by the same function (:meth:`~carve3d_reward.model.ModelOutputs.scores`).
 
 Failure handling:
 
@@ -27,6 +27,7 @@ from typing import Any
 
 import numpy as np
 
+from ..scores import GridScore
 from ..triton.tensors import INPUT, MODEL_NAME, OUTPUT_SPECS, outputs_from_tensors
 from .batcher import EngineUnavailableError
 
@@ -100,7 +101,7 @@ class TritonEngine:
             return False, f"model {self.model_name!r} is not ready on triton at {self.url}"
         return True, ""
 
-    async def __call__(self, grids: np.ndarray, want_renders: bool) -> list[dict[str, Any]]:
+    async def __call__(self, grids: np.ndarray, want_renders: bool) -> list[GridScore]:
         """Score ``[B, H, W, 3]`` uint8 grids (one Triton request per ``max_batch`` of them)."""
         if want_renders:
             raise ValueError("re-renders are not available through Triton")
@@ -111,7 +112,7 @@ class TritonEngine:
         return [item for part in parts for item in part]
 
     # -- internals -----------------------------------------------------------------------------------
-    async def _infer(self, grids: np.ndarray) -> list[dict[str, Any]]:
+    async def _infer(self, grids: np.ndarray) -> list[GridScore]:
         from tritonclient.grpc.aio import InferInput, InferRequestedOutput
         from tritonclient.utils import InferenceServerException
 
@@ -136,7 +137,7 @@ class TritonEngine:
             await self._reset(client)
             raise EngineUnavailableError(f"triton at {self.url} is unreachable: {exc}", self.retry_after_s) from None
         tensors = {spec.name: reply.as_numpy(spec.name) for spec in OUTPUT_SPECS}
-        return outputs_from_tensors(tensors).grid_results(self.metric_id)
+        return outputs_from_tensors(tensors).scores(self.metric_id)
 
     def _get_client(self) -> Any:
         if self._client is None:

@@ -14,7 +14,7 @@ import contextlib
 import copy
 from abc import ABC, abstractmethod
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
@@ -40,7 +40,21 @@ class Trajectory:
     log_probs: Tensor  # [B, T] log p_theta(x_{t-1} | x_t) at sampling time (float32)
     images: Tensor  # [B, 3, H, W] in [0, 1]
     ref_log_probs: Tensor | None = None  # [B, T] the same steps under the reference model
-    extras: dict[str, Tensor] = field(default_factory=dict)
+
+    @staticmethod
+    def concat(batches: list[Trajectory]) -> Trajectory:
+        """One trajectory of several batches' samples, in order."""
+        first = batches[0]
+        refs = [t.ref_log_probs for t in batches if t.ref_log_probs is not None]
+        return Trajectory(
+            prompts=[p for t in batches for p in t.prompts],
+            cond={k: torch.cat([t.cond[k] for t in batches]) for k in first.cond},
+            uncond={k: torch.cat([t.uncond[k] for t in batches]) for k in first.uncond},
+            latents=torch.cat([t.latents for t in batches]),
+            log_probs=torch.cat([t.log_probs for t in batches]),
+            images=torch.cat([t.images for t in batches]),
+            ref_log_probs=torch.cat(refs) if len(refs) == len(batches) else None,  # all of them or none
+        )
 
     def __len__(self) -> int:
         return len(self.prompts)
@@ -74,7 +88,6 @@ class Trajectory:
             log_probs=pick(self.log_probs),
             images=pick(self.images),
             ref_log_probs=None if self.ref_log_probs is None else pick(self.ref_log_probs),
-            extras={k: pick(v) for k, v in self.extras.items()},
         )
 
 

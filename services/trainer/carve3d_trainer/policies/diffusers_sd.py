@@ -280,7 +280,7 @@ class StableDiffusionXLPolicy(_PipelinePolicy):
         return ids.to(self.device).repeat(batch, 1)
 
 
-def build_policy(kind: Literal["sd", "sdxl"], path: str | Path, **kw: Any) -> _PipelinePolicy:
+def build_pipeline_policy(kind: Literal["sd", "sdxl"], path: str | Path, **kw: Any) -> _PipelinePolicy:
     """``StableDiffusionPolicy.from_pretrained(path, **kw)`` (``"sd"``) or the SDXL one (``"sdxl"``)."""
     classes: dict[str, type[_PipelinePolicy]] = {"sd": StableDiffusionPolicy, "sdxl": StableDiffusionXLPolicy}
     if kind not in classes:

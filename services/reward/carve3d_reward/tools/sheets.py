@@ -12,9 +12,9 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
-from .bbox import crop_resize
-from .grid import to_uint8_image
-from .metric import MRCResult
+from ..bbox import crop_resize
+from ..grid import to_uint8_image
+from ..metric import MRCResult
 
 COLUMNS = ("input", "re-render", "input crop", "re-render crop", "|difference| x4")
 _PAD = 4
@@ -43,7 +43,7 @@ def grid_sheet(result: MRCResult, i: int, title: str = "") -> Image.Image:
     height = _HEADER + 16 + v * (size + _PAD) + _PAD
     sheet = Image.new("RGB", (width, height), (255, 255, 255))
     draw = ImageDraw.Draw(sheet)
-    score = result.grid(i)
+    score = result.scores()[i]
     head = f"{title}  MRC {score.mrc:.4f}  status {score.status}".strip()
     draw.text((_PAD, 4), head, fill=(0, 0, 0), font=_font(14))
     draw.text((_PAD, 20), result.metric_id, fill=(90, 90, 90), font=_font(11))

@@ -13,9 +13,10 @@ from pathlib import Path
 
 from rich.console import Console
 
-from .grid import join_grid
-from .layouts import get_layout
-from .settings import MetricSettings
+from ..grid import join_grid
+from ..layouts import get_layout
+from ..settings import MetricSettings
+from .files import print_table, score_files
 from .sheets import save_grid_png
 from .synthetic import INCONSISTENCY_KINDS, inconsistent_views, random_scenes
 
@@ -24,8 +25,6 @@ DEMO_VIEW_SIZE = 128
 
 
 def run_demo(settings: MetricSettings, out_dir: Path, objects: int = 3, seed: int = 0) -> int:
-    from .cli import print_table, score_files
-
     console = Console()
     size = settings.view_size or DEMO_VIEW_SIZE
     layout = get_layout(settings.layout)

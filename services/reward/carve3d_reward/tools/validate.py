@@ -18,9 +18,9 @@ import torch
 from scipy.stats import spearmanr
 from tqdm import tqdm
 
-from .metric import MRC
-from .reconstructors import build_reconstructor
-from .settings import MetricSettings
+from ..metric import MRC
+from ..reconstructors import build_reconstructor
+from ..settings import MetricSettings
 from .synthetic import INCONSISTENCY_KINDS, inconsistent_views, random_scenes
 
 #: The view made inconsistent (a tile whose neighbours both see it).
@@ -71,7 +71,7 @@ class ValidationReport:
 
 
 def _validate_config(config: ValidationConfig) -> None:
-    from .errors import ConfigError
+    from ..errors import ConfigError
 
     unknown = [k for k in config.kinds if k not in INCONSISTENCY_KINDS]
     if unknown:

@@ -28,9 +28,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .cameras import Cameras
-from .grid import join_grid
-from .layouts import INSTANT3D_2X2, GridLayout
+from ..cameras import Cameras
+from ..grid import join_grid
+from ..layouts import INSTANT3D_2X2, GridLayout
 
 #: Primitive kinds, by their integer code in :attr:`SceneBatch.kind`.
 PRIMITIVE_KINDS = ("ellipsoid", "box", "cylinder")

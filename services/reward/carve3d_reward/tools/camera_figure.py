@@ -6,7 +6,7 @@
   the +x/+y axes (+z points out of the page), the four camera centres of the
   2x2 layout with their tile names and azimuths, and for each camera its
   viewing direction and its image-right direction;
-* (b) the 2x2 views that :func:`~carve3d_reward.synthetic.render_scenes`
+* (b) the 2x2 views that :func:`~carve3d_reward.tools.synthetic.render_scenes`
   actually produces for :func:`axis_marker_scene` (a grey ball on the origin
   with coloured markers on the axes), each tile captioned with what the
   convention predicts it must show (e.g. tile 0 looks from +x: red +x in front,
@@ -29,8 +29,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .cameras import Cameras
-from .layouts import INSTANT3D_2X2, GridLayout
+from ..cameras import Cameras
+from ..layouts import INSTANT3D_2X2, GridLayout
 from .synthetic import BOX, CYLINDER, ELLIPSOID, STRIPES, SceneBatch, render_scenes
 
 if TYPE_CHECKING:
@@ -304,7 +304,7 @@ def write_camera_figure(
     Left: the world from above with the four cameras (tile name, azimuth,
     viewing and image-right directions) and a side view for the elevation.
     Right: the 2x2 views of :func:`axis_marker_scene` rendered by
-    :func:`~carve3d_reward.synthetic.render_scenes`, each captioned with what
+    :func:`~carve3d_reward.tools.synthetic.render_scenes`, each captioned with what
     the convention predicts (see :func:`expected_sides`).
     """
     from matplotlib.backends.backend_agg import FigureCanvasAgg
