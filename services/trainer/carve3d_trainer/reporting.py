@@ -92,7 +92,7 @@ class EpochLogger:
         self.console.print(
             f"{epoch_label(epoch):>5} {fmt('reward_mean', 9)} {fmt('mrc_mean', 8)} {fmt('kl_mean', 9, '.2e')} "
             f"{fmt('eval_mrc', 9)} {fmt('eval_alignment', 6, '.1f')} "
-            f"{fmt('loss', 9, '.2e')} {fmt('grad_norm', 8, '.3f')} "
+            f"{fmt('loss', 9, '.2e')} {fmt('grad_norm', 8, '.1e')} "
             f"{fmt('reward_wait_s', 7, '.1f')} {fmt('samples_per_s', 7, '.2f')} {fmt('invalid', 7, 'd')}{note}",
             soft_wrap=True,
         )
